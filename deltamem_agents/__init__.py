@@ -1,0 +1,46 @@
+"""deltamem-agents: δ-mem online memory for local transformers models, for long-running agents."""
+
+from deltamem_agents.attach import attach_memory, detach_memory, has_memory, memory_parameters
+from deltamem_agents.cache import DeltaMemCache, memory_state_of
+from deltamem_agents.config import DeltaMemConfig
+from deltamem_agents.errors import (
+    AdapterError,
+    BackboneError,
+    ConfigError,
+    DeltaMemError,
+    MemoryStateError,
+    UnsupportedModelError,
+)
+from deltamem_agents.state import MemoryState
+
+
+def new_cache(model, state: MemoryState | None = None, writes: bool = True) -> DeltaMemCache:
+    """A fresh KV cache carrying ``state`` (or the empty memory) for ``model(...)`` / ``model.generate(...)``."""
+    return DeltaMemCache(model, state=state, writes=writes)
+
+
+def adapter_fingerprint(model) -> str:
+    """The fingerprint every MemoryState written by this model's adapter carries."""
+    from deltamem_agents.attach import attachment_of
+
+    return attachment_of(model).fingerprint(model)
+
+
+__all__ = [
+    "AdapterError",
+    "BackboneError",
+    "ConfigError",
+    "DeltaMemCache",
+    "DeltaMemConfig",
+    "DeltaMemError",
+    "MemoryState",
+    "MemoryStateError",
+    "UnsupportedModelError",
+    "adapter_fingerprint",
+    "attach_memory",
+    "detach_memory",
+    "has_memory",
+    "memory_parameters",
+    "memory_state_of",
+    "new_cache",
+]

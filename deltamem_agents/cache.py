@@ -1,0 +1,67 @@
+"""DeltaMemCache: a transformers DynamicCache that also carries the δ-mem state of its generation."""
+
+import torch
+from transformers import DynamicCache
+
+from deltamem_agents.carrier import CARRIER_ATTRIBUTE, MemoryCarrier
+from deltamem_agents.errors import DeltaMemError
+from deltamem_agents.state import MemoryState
+
+
+class DeltaMemCache(DynamicCache):
+    """KV cache plus memory state. Pass it as ``cache=`` to ``model(...)`` or ``model.generate(...)``.
+
+    Create it with :func:`deltamem_agents.new_cache`; read the state back with :meth:`memory_state`.
+    """
+
+    def __init__(self, model, state: MemoryState | None = None, writes: bool = True):
+        super().__init__(config=model.config)
+        from deltamem_agents.attach import attachment_of  # attach imports this module
+
+        self._attachment = attachment_of(model)
+        self._model = model
+        device = self._attachment.device(model)
+        states: list[torch.Tensor | None] = [None] * len(self._attachment.layers)
+        if state is not None:
+            state.check_compatible(self._attachment.fingerprint(model), self._attachment.layers)
+            states = list(state.tensor.to(device=device, dtype=torch.float32).unbind(0))  # L x (B, H, r, r)
+        setattr(self, CARRIER_ATTRIBUTE, MemoryCarrier(states=states, writes=writes))
+
+    @property
+    def carrier(self) -> MemoryCarrier:
+        return getattr(self, CARRIER_ATTRIBUTE)
+
+    @property
+    def memory_writes(self) -> bool:
+        """Whether forward calls through this cache write the memory."""
+        return self.carrier.writes
+
+    @memory_writes.setter
+    def memory_writes(self, value: bool) -> None:
+        self.carrier.writes = bool(value)
+
+    def set_segment_ids(self, segment_ids: torch.Tensor | None) -> None:
+        """Message id per token ``(B, T)`` for the NEXT forward call (segment strategy; -1 = not written)."""
+        self.carrier.segment_ids = segment_ids
+
+    def memory_state(self, batch_size: int | None = None) -> MemoryState:
+        """The current memory as an immutable MemoryState (detached, on the CPU)."""
+        return memory_state_of(self, self._model, batch_size)
+
+
+def memory_state_of(cache, model, batch_size: int | None = None) -> MemoryState:
+    """The memory riding on any cache used with ``model`` (a DeltaMemCache or one generate() created)."""
+    from deltamem_agents.attach import attachment_of
+
+    attachment = attachment_of(model)
+    carrier = getattr(cache, CARRIER_ATTRIBUTE, None)
+    if carrier is None:
+        raise DeltaMemError("this cache carries no δ-mem state: was it used with a model with memory attached?")
+    known = [s for s in carrier.states if s is not None]
+    batch = batch_size or (known[0].shape[0] if known else 1)
+    cfg = attachment.config
+    parts = [
+        (s.detach().float().cpu() if s is not None else torch.zeros(batch, cfg.num_heads, cfg.rank, cfg.rank))
+        for s in carrier.states
+    ]
+    return MemoryState(torch.stack(parts), attachment.fingerprint(model), attachment.layers)
