@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from deltamem_agents.errors import MemoryStateError
 
@@ -101,7 +100,7 @@ class MemoryState:
             "shape": json.dumps(list(tensor.shape)),
             "dtype": "float32",
         }
-        return save_safetensors({TENSOR_NAME: tensor}, metadata=metadata)
+        return _deterministic_safetensors(tensor, metadata)
 
     @classmethod
     def from_bytes(cls, data: bytes, fingerprint: str | None = None) -> "MemoryState":
@@ -154,6 +153,19 @@ class MemoryState:
         if fingerprint is not None:
             state.check_compatible(fingerprint, layers)
         return state
+
+
+def _deterministic_safetensors(tensor: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    """Safetensors bytes with a sorted, stable header, so equal states give equal bytes (the library's writer
+    orders metadata keys differently from run to run). Readable by any safetensors reader."""
+    data = tensor.numpy().tobytes()
+    header = {
+        "__metadata__": metadata,
+        TENSOR_NAME: {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [0, len(data)]},
+    }
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    return len(encoded).to_bytes(8, "little") + encoded + data
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -1,0 +1,337 @@
+"""DeltaMemChat: a LangChain chat model over a local backbone with δ-mem, keeping one memory per thread.
+
+Each call is one turn of the protocol in ``deltamem_agents.turn``: older messages not yet written go into the
+memory (write pass), and the reply is decoded from a bounded prompt (system + notes + window) reading the
+memory with writes off. Where the memory lives:
+  - in our LangGraph node (``deltamem_agents.graph``): the checkpointed ``memory`` channel, passed in and out
+    through the ``deltamem_turn`` keyword (a TurnIO);
+  - standalone with ``config={"configurable": {"thread_id": ...}}``: the chat model's ``store``;
+  - standalone without a thread id: a fresh memory for this call only.
+"""
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables.config import ensure_config
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field
+
+from deltamem_agents.engine import GenerationDone, GenerationSettings, MemoryEngine
+from deltamem_agents.state import MemoryState
+from deltamem_agents.store import InMemoryStore, ThreadMemory
+from deltamem_agents.tool_grammar import (
+    allowed_actions,
+    compile_envelope,
+    envelope_schema,
+    instructions,
+    parse_envelope,
+    partial_reply_text,
+    tool_specs,
+)
+from deltamem_agents.turn import WindowPolicy, plan_turn
+
+log = logging.getLogger(__name__)
+TURN_KWARG = "deltamem_turn"
+THREAD_KWARG = "deltamem_thread_id"
+
+
+@dataclass
+class TurnIO:
+    """Memory in and out of one turn, for graph nodes: set ``memory`` / ``written`` before the call; after it,
+    ``new_memory`` / ``new_written`` hold what the node must store in its state."""
+
+    memory: bytes | None = None
+    written: tuple[str, ...] = ()
+    new_memory: bytes | None = None
+    new_written: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    tokens_written: int = 0
+
+
+@dataclass
+class _Turn:
+    state: MemoryState
+    prompt_ids: torch.Tensor
+    grammar: Any
+    specs: list
+    tokens_written: int
+    notes: list[str]
+
+
+class DeltaMemChat(BaseChatModel):
+    """Chat model over a local transformers backbone with a δ-mem memory per thread.
+
+    Build it with :meth:`from_backbone` (embedded default backbone, optional adapter folder) or from a
+    :class:`MemoryEngine`. Supports invoke / ainvoke / stream / astream / batch / abatch, ``bind_tools`` (tool
+    calls decoded under a JSON grammar, so every call parses and validates), ``with_structured_output``, and
+    ``stop``, ``max_new_tokens``, ``temperature``, ``top_p``, ``seed`` per call.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    engine: Any = Field(exclude=True)
+    window_messages: int = 4
+    window_tokens: int = 768
+    recall: Literal["latent", "latent+retrieval"] = "latent+retrieval"
+    notes_tokens: int = 192
+    max_new_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    store: Any = Field(default_factory=InMemoryStore, exclude=True)
+    model_name: str = "deltamem"
+
+    @classmethod
+    def from_backbone(
+        cls, backbone: str = "smollm2-135m-instruct", adapter: str | None = None, device=None, **kwargs
+    ) -> "DeltaMemChat":
+        """Load ``backbone`` (see ``load_backbone``) and, if given, a saved adapter folder."""
+        from deltamem_agents.adapter import load_adapter
+        from deltamem_agents.backbone_zoo import load_backbone
+
+        model, tokenizer = load_backbone(backbone, device=device)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
+
+    @property
+    def _llm_type(self) -> str:
+        return "deltamem-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "recall": self.recall, "window_messages": self.window_messages}
+
+    def _get_ls_params(self, stop=None, **kwargs):
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "deltamem"
+        params["ls_model_name"] = self.model_name
+        return params
+
+    @property
+    def window(self) -> WindowPolicy:
+        return WindowPolicy(self.window_messages, self.window_tokens, self.recall, self.notes_tokens)
+
+    def get_num_tokens(self, text: str) -> int:
+        """Token count from the backbone's real tokenizer."""
+        return self.engine.count_tokens(text)
+
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any):
+        """Bind tools (functions, pydantic models, BaseTools or OpenAI tool dicts); ``tool_choice`` is "auto"
+        (default: reply or call), "any"/"required" (must call), "none", or a tool name."""
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        allowed_actions(tool_specs(formatted), tool_choice)  # validate names and tool_choice now
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    # ---- one turn -------------------------------------------------------------------------------------------
+
+    def _begin_turn(self, messages: list[BaseMessage], kwargs: dict) -> tuple[_Turn, Any]:
+        """Resolve the memory, run the write pass, persist it, and build the read-pass prompt and grammar."""
+        io: TurnIO | None = kwargs.get(TURN_KWARG)
+        thread_id = None if io is not None else kwargs.get(THREAD_KWARG)
+        lock = _thread_lock(self.store, thread_id) if thread_id is not None else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            if io is not None:
+                memory, written, step = io.memory, tuple(io.written), 0
+            elif thread_id is not None:
+                saved = self.store.load(str(thread_id)) or ThreadMemory(None)
+                memory, written, step = saved.state, saved.written, saved.step
+            else:
+                memory, written, step = None, (), 0
+            fingerprint = self.engine.fingerprint()
+            state = MemoryState.from_bytes(memory, fingerprint=fingerprint) if memory else None
+            specs, grammar, extra = self._tools(kwargs)
+            plan = plan_turn(messages, written, self.window, self.engine.count_tokens, extra_system=extra)
+            state, tokens_written = self.engine.write(state, plan.to_write)
+            data = state.to_bytes()
+            if io is not None:
+                io.new_memory, io.new_written = data, plan.written_ids
+                io.notes, io.tokens_written = plan.notes, tokens_written
+            elif thread_id is not None:
+                self.store.save(str(thread_id), ThreadMemory(data, plan.written_ids, step + 1), fingerprint)
+        finally:
+            if lock is not None:
+                lock.release()
+        prompt_ids = self.engine.render_prompt(plan.prompt)
+        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes), io
+
+    def _tools(self, kwargs: dict):
+        tools = kwargs.get("tools") or []
+        if not tools:
+            return [], None, ""
+        specs, allow_reply = allowed_actions(tool_specs(tools), kwargs.get("tool_choice"))
+        schema = envelope_schema(specs, allow_reply)
+        grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
+        return specs, grammar, instructions(specs, allow_reply)
+
+    def _settings(self, stop: list[str] | None, kwargs: dict) -> GenerationSettings:
+        stops = tuple((stop or []) + (self.stop or []))
+        return GenerationSettings(
+            max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
+            temperature=kwargs.get("temperature", self.temperature),
+            top_p=kwargs.get("top_p", self.top_p),
+            seed=kwargs.get("seed", self.seed),
+            stop=stops,
+        )
+
+    def _events(self, messages: list[BaseMessage], stop, kwargs) -> Iterator[ChatGenerationChunk]:
+        """The turn as chunks: text pieces as they decode (buffered under a tool grammar), then a final chunk
+        with usage, finish reason and any tool call."""
+        turn, _ = self._begin_turn(messages, kwargs)
+        settings = self._settings(stop, kwargs)
+        done: GenerationDone | None = None
+        raw, shown = "", ""  # under a grammar: the envelope so far, and the reply text already streamed
+        for event in self.engine.stream(turn.state, turn.prompt_ids, settings, turn.grammar):
+            if isinstance(event, GenerationDone):
+                done = event
+            elif turn.grammar is None:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+            else:
+                raw += event.text
+                partial = partial_reply_text(raw)
+                if partial is not None and partial.startswith(shown) and len(partial) > len(shown):
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=partial[len(shown) :]))
+                    shown = partial
+        content, tool_chunks = "", []
+        if turn.grammar is not None:
+            parsed = parse_envelope(done.text, turn.specs)
+            content = parsed.text[len(shown) :] if parsed.text.startswith(shown) else parsed.text
+            tool_chunks = [
+                tool_call_chunk(name=c["name"], args=_json(c["args"]), id=c["id"], index=i)
+                for i, c in enumerate(parsed.tool_calls)
+            ]
+        usage = {
+            "input_tokens": done.prompt_tokens,
+            "output_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        }
+        metadata = {
+            "finish_reason": "tool_calls" if tool_chunks else done.finish_reason,
+            "model_name": self.model_name,
+            "memory_tokens_written": turn.tokens_written,
+            "retrieved_notes": len(turn.notes),
+        }
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=content,
+                tool_call_chunks=tool_chunks,
+                usage_metadata=usage,
+                response_metadata=metadata,
+                chunk_position="last",
+            )
+        )
+
+    # ---- LangChain entry points -----------------------------------------------------------------------------
+
+    def invoke(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002 - LangChain's signature
+        return super().invoke(input, config, stop=stop, **_with_thread(config, kwargs))
+
+    async def ainvoke(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
+        return await super().ainvoke(input, config, stop=stop, **_with_thread(config, kwargs))
+
+    def stream(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
+        yield from super().stream(input, config, stop=stop, **_with_thread(config, kwargs))
+
+    async def astream(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
+        async for chunk in super().astream(input, config, stop=stop, **_with_thread(config, kwargs)):
+            yield chunk
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in self._events(messages, stop, kwargs):
+            if run_manager is not None and chunk.message.content:
+                run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        events = self._events(messages, stop, kwargs)
+        end = object()
+        while True:
+            chunk = await asyncio.to_thread(next, events, end)  # model work off the event loop
+            if chunk is end:
+                break
+            if run_manager is not None and chunk.message.content:
+                await run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
+            yield chunk
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return _result(list(self._stream(messages, stop, run_manager, **kwargs)))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return _result([chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)])
+
+
+def _with_thread(config, kwargs: dict) -> dict:
+    """Pass the run's ``thread_id`` (standalone use) down to the turn as a keyword."""
+    thread_id = ensure_config(config).get("configurable", {}).get("thread_id")
+    if thread_id is not None and TURN_KWARG not in kwargs:
+        kwargs = {**kwargs, THREAD_KWARG: str(thread_id)}
+    return kwargs
+
+
+def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged = merged + chunk
+    message: AIMessageChunk = merged.message
+    ai = AIMessage(
+        content=message.content,
+        tool_calls=message.tool_calls,
+        invalid_tool_calls=message.invalid_tool_calls,
+        usage_metadata=message.usage_metadata,
+        response_metadata=message.response_metadata,
+        id=message.id,
+    )
+    return ChatResult(generations=[ChatGeneration(message=ai)])
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+_THREAD_LOCKS: dict[tuple[int, str], threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(store, thread_id) -> threading.Lock:
+    """One lock per (store, thread): two concurrent turns of the same thread must not both write its memory."""
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault((id(store), str(thread_id)), threading.Lock())

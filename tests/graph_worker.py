@@ -1,0 +1,39 @@
+"""Runs turns of a chatbot graph over a SQLite checkpoint file, in its own process (used by test_graph.py).
+
+usage: python graph_worker.py DB THREAD FIRST_TURN LAST_TURN   -> prints the final memory bytes as hex
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from langchain_core.messages import HumanMessage  # noqa: E402
+from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: E402
+from tiny_chat import tiny_engine  # noqa: E402
+
+from deltamem_agents.chat import DeltaMemChat  # noqa: E402
+from deltamem_agents.graph import build_chatbot  # noqa: E402
+
+
+def user_turn(thread: str, turn: int) -> HumanMessage:
+    return HumanMessage(f"{thread} says message number {turn}", id=f"{thread}-u{turn}")
+
+
+def run_turns(graph, thread: str, first: int, last: int) -> bytes:
+    config = {"configurable": {"thread_id": thread}}
+    for turn in range(first, last + 1):
+        state = graph.invoke({"messages": [user_turn(thread, turn)]}, config)
+    return state["memory"]
+
+
+def main() -> None:
+    db, thread, first, last = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    with SqliteSaver.from_conn_string(db) as saver:
+        memory = run_turns(build_chatbot(chat, checkpointer=saver), thread, first, last)
+    print(memory.hex())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""DeltaMemChat on a tiny model: the turn protocol, memory per thread, bounded prompts, tools, streaming."""
+
+import asyncio
+import logging
+
+import pytest
+import torch
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from pydantic import BaseModel
+from tiny_chat import Script, tiny_engine
+
+from deltamem_agents import MemoryState
+from deltamem_agents.chat import DeltaMemChat
+from deltamem_agents.store import SqliteMemoryStore
+from deltamem_agents.turn import MessageError
+
+
+def lookup_ticket(ticket_id: int) -> str:
+    """Look up a support ticket by its number."""
+    return f"ticket {ticket_id}: open"
+
+
+def close_ticket(ticket_id: int, reason: str) -> str:
+    """Close a ticket."""
+    return "closed"
+
+
+@pytest.fixture
+def chat():
+    return DeltaMemChat(engine=tiny_engine(), max_new_tokens=12)
+
+
+def conversation(turns: int, width: int = 20) -> list:
+    messages = [SystemMessage("You help.")]
+    for i in range(turns):
+        messages += [
+            HumanMessage(f"question {i:03d} " + "x" * width, id=f"h{i}"),
+            AIMessage(f"answer {i:03d}", id=f"a{i}"),
+        ]
+    return messages
+
+
+def test_invoke_stream_and_batch_agree(chat):
+    msgs = [HumanMessage("hello there")]
+    reply = chat.invoke(msgs)
+    assert isinstance(reply, AIMessage)
+    assert reply.usage_metadata["input_tokens"] > 0
+    assert reply.usage_metadata["output_tokens"] == len(chat.engine.tokenizer(reply.content)["input_ids"]) or (
+        reply.response_metadata["finish_reason"] == "length"
+    )
+    chunks = list(chat.stream(msgs))
+    assert len(chunks) >= 2 and "".join(c.content for c in chunks) == reply.content
+    assert [r.content for r in chat.batch([msgs, msgs])] == [reply.content, reply.content]
+    assert chat.get_num_tokens("abc") == 3
+
+
+async def test_async_paths_agree_with_sync(chat):
+    msgs = [HumanMessage("hello there")]
+    reply = chat.invoke(msgs)
+    assert (await chat.ainvoke(msgs)).content == reply.content
+    assert "".join([c.content async for c in chat.astream(msgs)]) == reply.content
+    assert [r.content for r in await chat.abatch([msgs, msgs])] == [reply.content] * 2
+
+
+async def test_async_generation_does_not_block_the_event_loop(chat):
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await chat.ainvoke([HumanMessage("hello " * 50)], max_new_tokens=30)
+    task.cancel()
+    assert ticks > 5
+
+
+def test_thread_memory_writes_each_older_message_once(chat):
+    cfg = {"configurable": {"thread_id": "t1"}}
+    first = [HumanMessage("my name is Ada", id="u1")]
+    reply = chat.invoke(first, cfg)
+    assert reply.response_metadata["memory_tokens_written"] == 0  # nothing older than the newest user message
+    saved = chat.store.load("t1")
+    assert saved.written == () and saved.step == 1
+    second = first + [AIMessage(reply.content, id="a1"), HumanMessage("what is my name?", id="u2")]
+    again = chat.invoke(second, cfg)
+    assert again.response_metadata["memory_tokens_written"] > 0
+    saved = chat.store.load("t1")
+    assert saved.written == ("u1", "a1")
+    state = MemoryState.from_bytes(saved.state)
+    assert not state.is_zero()
+    # the same turn again writes nothing new: tracked by id, not re-written
+    third = chat.invoke(second, cfg)
+    assert third.response_metadata["memory_tokens_written"] == 0
+    assert MemoryState.from_bytes(chat.store.load("t1").state).equal(state)
+    # an edited old message (same id) is not re-written; a new id is
+    edited = [HumanMessage("my name is Bob", id="u1")] + second[1:]
+    assert chat.invoke(edited, cfg).response_metadata["memory_tokens_written"] == 0
+    assert chat.store.load("t2") is None  # other threads untouched
+
+
+def test_threads_do_not_share_memory(chat):
+    a = [HumanMessage("alpha alpha", id="x1"), AIMessage("ok", id="x2"), HumanMessage("and?", id="x3")]
+    b = [HumanMessage("beta beta", id="y1"), AIMessage("ok", id="y2"), HumanMessage("and?", id="y3")]
+    chat.invoke(a, {"configurable": {"thread_id": "A"}})
+    chat.invoke(b, {"configurable": {"thread_id": "B"}})
+    alone = DeltaMemChat(engine=chat.engine, max_new_tokens=12)
+    alone.invoke(a, {"configurable": {"thread_id": "A"}})
+    assert chat.store.load("A").state == alone.store.load("A").state
+    assert chat.store.load("A").state != chat.store.load("B").state
+
+
+def test_prompt_is_bounded_and_flat_once_the_window_is_full(chat):
+    chat = DeltaMemChat(engine=chat.engine, max_new_tokens=1, window_messages=4, window_tokens=400, recall="latent")
+    sizes = []
+    for turn in range(1, 31):
+        messages = conversation(turn)[:-1]  # ends with the newest user message
+        sizes.append(chat.invoke(messages).usage_metadata["input_tokens"])
+    bound = 400 + chat.engine.count_tokens("You help.") + 40  # window cap + system + template
+    assert max(sizes) <= bound
+    assert len(set(sizes[3:])) == 1  # flat once the window is full
+    assert sizes[0] < sizes[3]
+
+
+def test_retrieval_notes_come_from_this_thread_only_and_are_capped(chat):
+    chat = DeltaMemChat(engine=chat.engine, max_new_tokens=1, window_messages=2, notes_tokens=30)
+    messages = [HumanMessage("my locker code is zebra 7781", id="m1"), AIMessage("noted", id="m2")]
+    messages += conversation(6)[1:]
+    messages.append(HumanMessage("what is my locker code?", id="q"))
+    reply = chat.invoke(messages, {"configurable": {"thread_id": "notes"}})
+    assert reply.response_metadata["retrieved_notes"] >= 1
+    other = chat.invoke([HumanMessage("what is my locker code?", id="q2")], {"configurable": {"thread_id": "o"}})
+    assert other.response_metadata["retrieved_notes"] == 0
+
+
+def test_empty_memory_with_default_adapter_does_not_change_the_backbone():
+    engine = tiny_engine(trained=False)  # the default: zero-init corrections
+    chat = DeltaMemChat(engine=engine, max_new_tokens=10)
+    messages = conversation(3)[:-1]
+    reply = chat.invoke(messages)
+    from deltamem_agents.turn import WindowPolicy, plan_turn
+
+    plan = plan_turn(messages, (), WindowPolicy(recall="latent+retrieval"), engine.count_tokens)
+    prompt = engine.render_prompt(plan.prompt)[None]
+    from deltamem_agents import detach_memory
+
+    detach_memory(engine.model)
+    with torch.no_grad():
+        plain = engine.model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False, pad_token_id=0
+        )
+    expected = engine.tokenizer.decode(plain[0, prompt.shape[1] :], skip_special_tokens=True)
+    assert reply.content == expected
+
+
+def test_scripted_tool_call_parses(chat):
+    bound = chat.bind_tools([lookup_ticket, close_ticket])
+    with Script(chat.engine, '{"action": "close_ticket", "arguments": {"ticket_id": 7, "reason": "fixed"}}'):
+        reply = bound.invoke([HumanMessage("close 7 please")], max_new_tokens=80)
+    assert reply.tool_calls[0]["name"] == "close_ticket"
+    assert reply.tool_calls[0]["args"] == {"ticket_id": 7, "reason": "fixed"}
+    assert reply.response_metadata["finish_reason"] == "tool_calls"
+
+
+def test_the_grammar_keeps_calls_valid_even_when_the_model_tries_otherwise(chat):
+    bound = chat.bind_tools([lookup_ticket], tool_choice="any")
+    with Script(chat.engine, '{"action": "lookup_ticket", "arguments": {"ticket_id": "seven"}}'):
+        reply = bound.invoke([HumanMessage("x")], max_new_tokens=80)
+    assert reply.tool_calls and isinstance(reply.tool_calls[0]["args"]["ticket_id"], int)
+
+
+def test_a_cut_off_tool_call_becomes_text_with_a_warning(chat, caplog):
+    bound = chat.bind_tools([lookup_ticket], tool_choice="any")
+    with caplog.at_level(logging.WARNING), Script(chat.engine, '{"action": "lookup_ticket", "arguments": {'):
+        reply = bound.invoke([HumanMessage("x")], max_new_tokens=20)
+    assert reply.tool_calls == [] and reply.content.startswith('{"action"')
+    assert "not a JSON tool envelope" in caplog.text
+
+
+def test_a_reply_under_the_grammar_is_plain_text_and_streams(chat):
+    bound = chat.bind_tools([lookup_ticket])
+    with Script(chat.engine, '{"action": "reply", "text": "Hi there, friend"}'):
+        chunks = list(bound.stream([HumanMessage("hello")], max_new_tokens=80))
+    assert "".join(c.content for c in chunks) == "Hi there, friend"
+    assert len([c for c in chunks if c.content]) > 3
+
+
+def test_structured_output_uses_the_grammar(chat):
+    class Ticket(BaseModel):
+        title: str
+        priority: int
+
+    with Script(chat.engine, '{"action": "Ticket", "arguments": {"title": "printer", "priority": 2}}'):
+        ticket = chat.with_structured_output(Ticket).invoke("printer broken, priority 2", max_new_tokens=80)
+    assert ticket == Ticket(title="printer", priority=2)
+
+
+def test_tool_messages_and_ai_tool_calls_render(chat):
+    messages = [
+        HumanMessage("status of 3?", id="1"),
+        AIMessage("", tool_calls=[{"name": "lookup_ticket", "args": {"ticket_id": 3}, "id": "c1"}], id="2"),
+        ToolMessage("ticket 3: open", tool_call_id="c1", id="3"),
+        HumanMessage("thanks", id="4"),
+    ]
+    reply = chat.invoke(messages, {"configurable": {"thread_id": "tools"}})
+    assert reply.response_metadata["memory_tokens_written"] > 0
+    assert chat.store.load("tools").written == ("1", "2", "3")
+
+
+def test_bad_messages_fail_clearly(chat):
+    with pytest.raises(MessageError, match="no messages"):
+        chat.invoke([])
+    with pytest.raises(MessageError, match="no user"):
+        chat.invoke([SystemMessage("only rules")])
+    with pytest.raises(Exception, match="reserved"):
+
+        def reply(text: str) -> str:
+            """Reserved name."""
+            return text
+
+        chat.bind_tools([reply])
+
+
+def test_sqlite_store_is_inspectable(tmp_path, chat):
+    store = SqliteMemoryStore(tmp_path / "threads.db")
+    chat = DeltaMemChat(engine=chat.engine, max_new_tokens=4, store=store)
+    chat.invoke(
+        [HumanMessage("a", id="1"), AIMessage("b", id="2"), HumanMessage("c", id="3")],
+        {"configurable": {"thread_id": "user-1"}},
+    )
+    import sqlite3
+
+    row = (
+        sqlite3.connect(tmp_path / "threads.db")
+        .execute("select thread_id, step, state_bytes, written_count, fingerprint from threads")
+        .fetchone()
+    )
+    assert row[0] == "user-1" and row[1] == 1 and row[2] == len(store.load("user-1").state) and row[3] == 2
+    assert row[4] == chat.engine.fingerprint()
+    store.delete("user-1")
+    assert store.load("user-1") is None

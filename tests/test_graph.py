@@ -1,0 +1,121 @@
+"""LangGraph integration: the memory channel is checkpointed with the messages, on every checkpointer."""
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from graph_worker import run_turns, user_turn
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from tiny_chat import Script, tiny_engine
+
+from deltamem_agents import MemoryState
+from deltamem_agents.chat import DeltaMemChat
+from deltamem_agents.graph import build_agent, build_chatbot
+
+WORKER = Path(__file__).parent / "graph_worker.py"
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+
+
+def test_memory_channel_follows_the_turns(chat):
+    graph = build_chatbot(chat, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    state = graph.invoke({"messages": [user_turn("t", 1)]}, config)
+    assert state["written"] == [] and MemoryState.from_bytes(state["memory"]).is_zero()
+    state = graph.invoke({"messages": [user_turn("t", 2)]}, config)
+    ids = [m.id for m in state["messages"]]
+    assert state["written"] == ids[:2]  # turn 1's question and answer, by id
+    assert not MemoryState.from_bytes(state["memory"]).is_zero()
+    assert len(state["memory"]) < 2000  # only the packed state: no per-step blobs beyond it
+
+
+def test_resume_in_a_new_process_gives_identical_memory(tmp_path, chat):
+    with SqliteSaver.from_conn_string(str(tmp_path / "straight.db")) as saver:
+        straight = run_turns(build_chatbot(chat, checkpointer=saver), "r", 1, 4)
+    db = str(tmp_path / "resumed.db")
+    for first, last in [(1, 2), (3, 4)]:
+        out = subprocess.run(
+            [sys.executable, str(WORKER), db, "r", str(first), str(last)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+    assert bytes.fromhex(out.stdout.strip()) == straight
+
+
+def test_time_travel_fork_and_delete(chat):
+    saver = InMemorySaver()
+    graph = build_chatbot(chat, checkpointer=saver)
+    config = {"configurable": {"thread_id": "tt"}}
+    memories = [run_turns(graph, "tt", turn, turn) for turn in (1, 2, 3, 4)]
+    original_tip = graph.get_state(config)
+    history = list(graph.get_state_history(config))
+    after_turn_2 = next(s for s in history if len(s.values.get("messages", [])) == 4)
+    assert after_turn_2.values["memory"] == memories[1]  # time travel restores the earlier memory
+    fork_config = after_turn_2.config
+    for turn, text in ((3, "a different turn three"), (4, "and a different four")):
+        forked = graph.invoke({"messages": [HumanMessage(text, id=f"fork-{turn}")]}, fork_config)
+        fork_config = graph.get_state(config).config
+    assert forked["memory"] != memories[3]  # the fork wrote its own third turn
+    kept = graph.get_state(original_tip.config).values  # the original branch is untouched
+    assert kept["memory"] == memories[3] and kept["messages"][-2].id == "tt-u4"
+    saver.delete_thread("tt")
+    assert graph.get_state(config).values == {}
+    assert not list(saver.list(config))
+
+
+async def test_sixteen_concurrent_threads_keep_their_own_memory(tmp_path, chat):
+    threads = [f"user{i}" for i in range(16)]
+    async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "async.db")) as saver:
+        graph = build_chatbot(chat, checkpointer=saver)
+
+        async def run(thread):
+            config = {"configurable": {"thread_id": thread}}
+            for turn in (1, 2, 3):
+                state = await graph.ainvoke({"messages": [user_turn(thread, turn)]}, config)
+            return state["memory"]
+
+        together = await asyncio.gather(*(run(t) for t in threads))
+    alone_graph = build_chatbot(chat, checkpointer=InMemorySaver())
+    for thread, memory in zip(threads, together):
+        assert memory == run_turns(alone_graph, thread, 1, 3), thread
+    assert len(set(together)) == len(threads)
+
+
+async def test_astream_messages_mode_streams_tokens(chat):
+    graph = build_chatbot(chat, checkpointer=InMemorySaver())
+    pieces = []
+    async for message, _metadata in graph.astream(
+        {"messages": [HumanMessage("hello there")]}, {"configurable": {"thread_id": "s"}}, stream_mode="messages"
+    ):
+        pieces.append(message.content)
+    final = graph.get_state({"configurable": {"thread_id": "s"}}).values["messages"][-1]
+    assert len(pieces) >= 2 and "".join(pieces) == final.content
+
+
+def test_agent_calls_a_tool_then_answers():
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=80)
+    calls = []
+
+    def lookup_ticket(ticket_id: int) -> str:
+        """Look up a support ticket by its number."""
+        calls.append(ticket_id)
+        return f"ticket {ticket_id} is open"
+
+    agent = build_agent(chat, [lookup_ticket], checkpointer=InMemorySaver())
+    script = '{"action": "lookup_ticket", "arguments": {"ticket_id": 5}}'
+    with Script(chat.engine, script) as first:
+        first.ids += chat.engine.tokenizer('{"action": "reply", "text": "It is open."}')["input_ids"] + [2]
+        state = agent.invoke({"messages": [HumanMessage("status of 5?")]}, {"configurable": {"thread_id": "a"}})
+    kinds = [type(m) for m in state["messages"]]
+    assert kinds == [HumanMessage, AIMessage, ToolMessage, AIMessage]
+    assert calls == [5] and state["messages"][-1].content == "It is open."
