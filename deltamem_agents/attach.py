@@ -98,7 +98,8 @@ def attach_memory(model: nn.Module, config: DeltaMemConfig | None = None, dtype:
     device = next(model.parameters()).device
     for position, index in enumerate(layers):
         attention = _attention(model, spec, index)
-        memory = MemoryLayer(config, attention_shapes(spec, attention)).to(device=device, dtype=dtype)
+        seed = config.init_seed * 100_003 + index  # a different, reproducible draw per layer
+        memory = MemoryLayer(config, attention_shapes(spec, attention), seed=seed).to(device=device, dtype=dtype)
         memory.init_corrections(projection_weights(spec, attention))
         attention.add_module(MEMORY_MODULE_NAME, memory)
         attachment.modules.append(memory)

@@ -116,7 +116,7 @@ class DeltaMemChat(BaseChatModel):
     def _get_ls_params(self, stop=None, **kwargs):
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "deltamem"
-        params["ls_model_name"] = self.model_name
+        params["ls_model_name"] = kwargs.get("model", self.model_name)
         return params
 
     @property

@@ -12,7 +12,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-new-tokens", type=int, default=24)
     inspect = commands.add_parser("inspect-state", help="validate and describe a saved memory-state file")
     inspect.add_argument("path")
+    chat = commands.add_parser("chat", help="interactive terminal chat with persistent memory per thread")
+    chat.add_argument("--thread", required=True, help="conversation name; the same name resumes it")
+    chat.add_argument("--db", help="SQLite checkpoint file (default: $DELTAMEM_HOME/chat.db)")
+    chat.add_argument("--backbone", default="smollm2-135m-instruct")
+    chat.add_argument("--adapter", help="folder of a saved adapter")
+    chat.add_argument("--max-new-tokens", type=int, default=200)
     args = parser.parse_args(argv)
+
+    if args.command == "chat":
+        from deltamem_agents.terminal_chat import run_terminal_chat
+
+        return run_terminal_chat(args.thread, args.db, args.backbone, args.adapter, args.max_new_tokens)
 
     if args.command == "demo":
         from deltamem_agents.demo import run_demo

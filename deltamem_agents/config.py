@@ -27,6 +27,8 @@ class DeltaMemConfig(BaseModel):
             or ``zero`` (the wrapped model then equals the backbone until the corrections are trained).
         correction_gain: the base-slice gain (0.05).
         chunk_size: chunk length of the parallel scan used for prefill and training.
+        init_seed: seed of the random initialisation of the memory projections, so the same backbone and config
+            always give the same untrained adapter (and the same state fingerprint) in every process.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -43,6 +45,7 @@ class DeltaMemConfig(BaseModel):
     correction_init: Literal["base_slice", "zero"] = "base_slice"
     correction_gain: float = 0.05
     chunk_size: int = Field(32, ge=1, le=4096)
+    init_seed: int = 0
 
     @field_validator("layers")
     @classmethod

@@ -7,7 +7,7 @@ and messages together. Only our node writes the ``memory`` channel; a bare chat 
 
 from typing import Annotated, Any, TypedDict
 
-from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
@@ -25,10 +25,14 @@ class DeltaMemState(TypedDict, total=False):
     written: list[str]
 
 
-def memory_node(chat: DeltaMemChat, tools: list | None = None, max_tool_rounds: int = 3) -> RunnableLambda:
+def memory_node(
+    chat: DeltaMemChat, tools: list | None = None, max_tool_rounds: int = 3, system_prompt: str | None = None
+) -> RunnableLambda:
     """A node (sync and async) that runs one turn of ``chat`` on the state's messages and memory and returns
     the reply, the new memory and the new watermark. With ``tools``, tool calls are decoded under a grammar;
-    after ``max_tool_rounds`` consecutive tool rounds for one user message the model must answer in text."""
+    after ``max_tool_rounds`` consecutive tool rounds for one user message the model must answer in text.
+    ``system_prompt`` (a string, or a function of the run config returning one) is put in front of the
+    messages when they hold no system message; it is not added to the state."""
     with_tools = chat.bind_tools(tools) if tools else chat
     text_only = chat.bind_tools(tools, tool_choice="none") if tools else chat
 
@@ -39,13 +43,18 @@ def memory_node(chat: DeltaMemChat, tools: list | None = None, max_tool_rounds: 
     def update(io: TurnIO, reply: AIMessage) -> dict[str, Any]:
         return {"messages": [reply], "memory": io.new_memory, "written": list(io.new_written)}
 
+    def messages(state, config) -> list:
+        text = system_prompt(config) if callable(system_prompt) else system_prompt
+        present = any(isinstance(m, SystemMessage) for m in state["messages"])
+        return state["messages"] if not text or present else [SystemMessage(text), *state["messages"]]
+
     def run(state, config):
         io = TurnIO(memory=state.get("memory"), written=tuple(state.get("written") or ()))
-        return update(io, pick(state).invoke(state["messages"], config, **{TURN_KWARG: io}))
+        return update(io, pick(state).invoke(messages(state, config), config, **{TURN_KWARG: io}))
 
     async def arun(state, config):
         io = TurnIO(memory=state.get("memory"), written=tuple(state.get("written") or ()))
-        return update(io, await pick(state).ainvoke(state["messages"], config, **{TURN_KWARG: io}))
+        return update(io, await pick(state).ainvoke(messages(state, config), config, **{TURN_KWARG: io}))
 
     return RunnableLambda(run, afunc=arun, name="deltamem_chat")
 
@@ -56,10 +65,19 @@ def route_tools(state) -> str:
     return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
 
 
-def build_agent(chat: DeltaMemChat, tools: list, checkpointer=None, state_schema=DeltaMemState, **compile_kwargs):
-    """A ready tool-using agent: ``agent`` (our memory node) <-> ``tools`` (LangGraph's ToolNode)."""
+def build_agent(
+    chat: DeltaMemChat,
+    tools: list,
+    checkpointer=None,
+    state_schema=DeltaMemState,
+    system_prompt=None,
+    max_tool_rounds: int = 3,
+    **compile_kwargs,
+):
+    """A ready tool-using agent: ``agent`` (our memory node) <-> ``tools`` (LangGraph's ToolNode), with a
+    conditional edge that ends the turn when the model answers in text."""
     graph = StateGraph(state_schema)
-    graph.add_node("agent", memory_node(chat, tools))
+    graph.add_node("agent", memory_node(chat, tools, max_tool_rounds=max_tool_rounds, system_prompt=system_prompt))
     graph.add_node("tools", ToolNode(tools, handle_tool_errors=True))
     graph.add_edge(START, "agent")
     graph.add_conditional_edges("agent", route_tools, ["tools", END])
@@ -67,10 +85,12 @@ def build_agent(chat: DeltaMemChat, tools: list, checkpointer=None, state_schema
     return graph.compile(checkpointer=checkpointer, **compile_kwargs)
 
 
-def build_chatbot(chat: DeltaMemChat, checkpointer=None, state_schema=DeltaMemState, **compile_kwargs):
+def build_chatbot(
+    chat: DeltaMemChat, checkpointer=None, state_schema=DeltaMemState, system_prompt=None, **compile_kwargs
+):
     """The simplest graph: one memory node."""
     graph = StateGraph(state_schema)
-    graph.add_node("chat", memory_node(chat))
+    graph.add_node("chat", memory_node(chat, system_prompt=system_prompt))
     graph.add_edge(START, "chat")
     graph.add_edge("chat", END)
     return graph.compile(checkpointer=checkpointer, **compile_kwargs)

@@ -29,7 +29,7 @@ class MemoryLayer(nn.Module):
         delta_k_proj: (k_out, R), delta_v_proj: (v_out, R)   only with ``corrections="qkvo"``
     """
 
-    def __init__(self, config: DeltaMemConfig, shapes: AttentionShapes):
+    def __init__(self, config: DeltaMemConfig, shapes: AttentionShapes, seed: int = 0):
         super().__init__()
         self.config = config
         read_dim, hidden = config.read_dim, shapes.hidden
@@ -46,8 +46,9 @@ class MemoryLayer(nn.Module):
         if config.corrections == "qkvo":
             self.delta_k_proj = nn.Parameter(torch.zeros(shapes.k_out, read_dim))
             self.delta_v_proj = nn.Parameter(torch.zeros(shapes.v_out, read_dim))
+        generator = torch.Generator().manual_seed(seed)
         for weight in (self.memory_q_proj, self.memory_k_proj, self.memory_v_proj):
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
 
     @property
     def corrected(self) -> tuple[str, ...]:

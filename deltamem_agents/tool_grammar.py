@@ -160,11 +160,19 @@ def render_tool_call(call: dict) -> str:
     return json.dumps({"action": call["name"], "arguments": call.get("args", {})})
 
 
+# A string argument without its own maxLength gets this one, so a rambling model cannot run a call past the
+# token limit (a cut-off call would be lost as text).
+DEFAULT_MAX_STRING = 200
+
+
 def _strict(schema: dict) -> dict:
-    """Copy of a JSON schema where objects admit no extra keys (what the grammar should allow)."""
+    """Copy of a JSON schema where objects admit no extra keys and strings have a length cap (what the grammar
+    should allow)."""
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) if isinstance(v, dict) else v for k, v in schema.items()}
+    if out.get("type") == "string" and "enum" not in out:
+        out.setdefault("maxLength", DEFAULT_MAX_STRING)
     if out.get("type") == "object" and "properties" in out:
         out["properties"] = {k: _strict(v) for k, v in out["properties"].items()}
         out.setdefault("additionalProperties", False)

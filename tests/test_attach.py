@@ -136,3 +136,15 @@ def test_parameter_count_for_qwen3_4b_shapes(write, expected):
         attach_memory(model, DeltaMemConfig(write=write, correction_init="zero"))
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert count == expected
+
+
+def test_the_untrained_adapter_is_reproducible_across_instances():
+    from deltamem_agents import adapter_fingerprint
+
+    first, second = tiny_model("llama"), tiny_model("llama")
+    attach_memory(first, DeltaMemConfig())
+    attach_memory(second, DeltaMemConfig())
+    assert adapter_fingerprint(first) == adapter_fingerprint(second)
+    third = tiny_model("llama")
+    attach_memory(third, DeltaMemConfig(init_seed=1))
+    assert adapter_fingerprint(third) != adapter_fingerprint(first)

@@ -1,0 +1,42 @@
+"""``deltamem chat``: a terminal chat whose memory and messages persist per thread in a SQLite checkpoint."""
+
+import sys
+from pathlib import Path
+
+from langchain_core.messages import HumanMessage
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from deltamem_agents.backbone_zoo import deltamem_home
+from deltamem_agents.chat import DeltaMemChat
+from deltamem_agents.graph import build_chatbot
+
+
+def run_terminal_chat(thread: str, db: str | None, backbone: str, adapter: str | None, max_new_tokens: int) -> int:
+    """Read lines from stdin, stream replies to stdout; an empty line or end of input ends the session."""
+    path = Path(db) if db else deltamem_home() / "chat.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chat = DeltaMemChat.from_backbone(backbone, adapter=adapter, max_new_tokens=max_new_tokens)
+    config = {"configurable": {"thread_id": thread}}
+    with SqliteSaver.from_conn_string(str(path)) as saver:
+        graph = build_chatbot(chat, checkpointer=saver)
+        earlier = graph.get_state(config).values.get("messages", [])
+        print(f"thread {thread!r} in {path} ({len(earlier)} earlier messages). Empty line or Ctrl-D to quit.")
+        while True:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                break
+            if not text:
+                break
+            print("bot> ", end="", flush=True)
+            for message, _meta in graph.stream({"messages": [HumanMessage(text)]}, config, stream_mode="messages"):
+                print(message.content, end="", flush=True)
+            state = graph.get_state(config).values
+            print(
+                f"\n     [memory {len(state.get('memory') or b''):,} B, {len(state.get('written', []))} messages in it]"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_terminal_chat(sys.argv[1], None, "smollm2-135m-instruct", None, 200))

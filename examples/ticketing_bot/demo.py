@@ -1,0 +1,151 @@
+"""Scripted multi-session demo (each session in a new process, days apart) and an interactive mode.
+
+    python -m examples.ticketing_bot.demo                 # the scripted story, 3 sessions
+    python -m examples.ticketing_bot.demo --interactive   # chat with the bot yourself (--user NAME)
+
+State lives in two SQLite files in --data (tickets.db: the ticket database the tools use; checkpoints.db:
+LangGraph's checkpoints, holding messages and the δ-mem memory per thread).
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SESSIONS = [
+    (
+        "Monday",
+        [
+            "Hi, my laptop will not turn on since this morning's update. Please open a ticket for it.",
+            "I already tried holding the power button for 30 seconds. Please add that as a comment.",
+        ],
+    ),
+    ("Wednesday", ["Hi again. What is the status of my ticket?", "Thanks. What did I already try?"]),
+    ("Friday", ["Good news: the laptop works again. Please close my ticket.", "Thank you for your help!"]),
+]
+BETWEEN_SESSIONS = {1: ("technician", "Replacement battery ordered, arriving Thursday.", "waiting for parts")}
+
+
+def run_session(index: int, data: Path, user: str) -> None:
+    """One session of the story, in this process: load everything from disk, play the turns, print metrics."""
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from deltamem_agents.chat import DeltaMemChat
+    from examples.ticketing_bot.bot import build_bot
+    from examples.ticketing_bot.tickets import TicketDB
+
+    day, turns = SESSIONS[index]
+    started = time.perf_counter()
+    chat = DeltaMemChat.from_backbone(max_new_tokens=80, window_messages=4)
+    db = TicketDB(data / "tickets.db")
+    print(f"\n=== session {index + 1} · {day} · new process, model loaded in {time.perf_counter() - started:.1f}s ===")
+    config = {"configurable": {"thread_id": f"support-{user}", "user_id": user, "story_day": day}}
+    with SqliteSaver.from_conn_string(str(data / "checkpoints.db")) as saver:
+        bot = build_bot(chat, db, saver)
+        for text in turns:
+            before = len(bot.get_state(config).values.get("messages", []))
+            t0 = time.perf_counter()
+            state = bot.invoke({"messages": [HumanMessage(text)]}, config)
+            latency = time.perf_counter() - t0
+            new = state["messages"][before:]
+            replies = [m for m in new if isinstance(m, AIMessage)]
+            calls = [
+                f"{c['name']}({', '.join(f'{k}={v!r}' for k, v in c['args'].items())})"
+                for m in replies
+                for c in m.tool_calls
+            ]
+            prompt = sum((m.usage_metadata or {}).get("input_tokens", 0) for m in replies)
+            print(f"user: {text}")
+            print(f"  tools: {'; '.join(calls) or '-'}")
+            print(f"  agent: {replies[-1].content}")
+            print(
+                f"  [prompt {prompt} tokens over {len(replies)} model calls · {latency:.1f}s · "
+                f"memory {len(state['memory'] or b''):,} B · {len(state['messages'])} messages in thread · "
+                f"{len(state['written'])} written to memory]"
+            )
+    for ticket in db.list(user, include_closed=True):
+        print(f"  ticket #{ticket['id']}: {ticket['title']!r} — {ticket['status']} (updated {ticket['updated']})")
+
+
+def staff_update(data: Path, user: str, after_session: int) -> None:
+    from examples.ticketing_bot.tickets import TicketDB
+
+    if after_session not in BETWEEN_SESSIONS:
+        return
+    author, text, status = BETWEEN_SESSIONS[after_session]
+    db = TicketDB(data / "tickets.db")
+    for ticket in db.list(user):
+        db.comment(user, ticket["id"], text, author=author)
+        db.update_status(user, ticket["id"], status)
+        print(f"\n(meanwhile the {author} updated ticket #{ticket['id']}: {text!r}, status {status!r})")
+
+
+def interactive(data: Path, user: str) -> None:
+    from langchain_core.messages import HumanMessage
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from deltamem_agents.chat import DeltaMemChat
+    from examples.ticketing_bot.bot import build_bot
+    from examples.ticketing_bot.tickets import TicketDB
+
+    chat = DeltaMemChat.from_backbone(max_new_tokens=120)
+    config = {"configurable": {"thread_id": f"support-{user}", "user_id": user}}
+    with SqliteSaver.from_conn_string(str(data / "checkpoints.db")) as saver:
+        bot = build_bot(chat, TicketDB(data / "tickets.db"), saver)
+        print(f"Support bot for {user}. Empty line or Ctrl-D to quit.")
+        while True:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                break
+            if not text:
+                break
+            for message, meta in bot.stream({"messages": [HumanMessage(text)]}, config, stream_mode="messages"):
+                if meta.get("langgraph_node") == "agent" and message.content:
+                    print(message.content, end="", flush=True)
+                if getattr(message, "tool_calls", None):
+                    print(f"[tool call: {message.tool_calls[0]['name']} {message.tool_calls[0]['args']}]", end="")
+            print()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=".ticketing_bot_data", help="folder for tickets.db and checkpoints.db")
+    parser.add_argument("--user", default="dana")
+    parser.add_argument("--interactive", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep earlier data instead of starting the story over")
+    parser.add_argument("--session", type=int, help=argparse.SUPPRESS)  # internal: run one session in-process
+    args = parser.parse_args(argv)
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+    if args.interactive:
+        interactive(data, args.user)
+        return 0
+    if args.session is not None:
+        run_session(args.session, data, args.user)
+        return 0
+    if not args.keep:
+        for name in ("tickets.db", "checkpoints.db"):
+            for suffix in ("", "-wal", "-shm"):
+                (data / (name + suffix)).unlink(missing_ok=True)
+    for index in range(len(SESSIONS)):
+        command = [
+            sys.executable,
+            "-m",
+            "examples.ticketing_bot.demo",
+            "--data",
+            str(data),
+            "--user",
+            args.user,
+            "--session",
+            str(index),
+        ]
+        subprocess.run(command, check=True)
+        staff_update(data, args.user, index)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The agent's tools over the ticket database. The user id comes from the run config (``user_id``), never from
+the model, so a user can only ever touch their own tickets."""
+
+import json
+from typing import Literal
+
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import tool
+
+from examples.ticketing_bot.tickets import TicketDB, TicketError
+
+
+def make_tools(db: TicketDB) -> list:
+    """The six ticket tools bound to ``db``."""
+
+    def user(config: RunnableConfig) -> str:
+        return config["configurable"]["user_id"]
+
+    def show(value) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    def day(config: RunnableConfig) -> str | None:
+        return config["configurable"].get("story_day")
+
+    @tool
+    def create_ticket(title: str, description: str, config: RunnableConfig) -> str:
+        """Open a new support ticket for the user's problem."""
+        return show(db.create(user(config), title, description, day(config)))
+
+    @tool
+    def list_my_tickets(config: RunnableConfig) -> str:
+        """List the user's open tickets with their status."""
+        return show(db.list(user(config)))
+
+    @tool
+    def lookup_ticket(ticket_id: int, config: RunnableConfig) -> str:
+        """Show one ticket with its status and comments."""
+        try:
+            return show(db.get(user(config), ticket_id))
+        except TicketError as err:
+            return str(err)
+
+    @tool
+    def update_ticket_status(
+        ticket_id: int,
+        status: Literal["open", "in progress", "waiting for parts", "waiting for user"],
+        config: RunnableConfig,
+    ) -> str:
+        """Change a ticket's status (open, in progress, waiting for parts, waiting for user)."""
+        try:
+            return show(db.update_status(user(config), ticket_id, status, day(config)))
+        except TicketError as err:
+            return str(err)
+
+    @tool
+    def comment_on_ticket(ticket_id: int, comment: str, config: RunnableConfig) -> str:
+        """Add a note to a ticket."""
+        try:
+            return show(db.comment(user(config), ticket_id, comment, day=day(config)))
+        except TicketError as err:
+            return str(err)
+
+    @tool
+    def close_ticket(ticket_id: int, resolution: str, config: RunnableConfig) -> str:
+        """Close a solved ticket with a short resolution."""
+        try:
+            return show(db.close(user(config), ticket_id, resolution, day(config)))
+        except TicketError as err:
+            return str(err)
+
+    return [create_ticket, list_my_tickets, lookup_ticket, update_ticket_status, comment_on_ticket, close_ticket]
