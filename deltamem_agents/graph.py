@@ -26,19 +26,28 @@ class DeltaMemState(TypedDict, total=False):
 
 
 def memory_node(
-    chat: DeltaMemChat, tools: list | None = None, max_tool_rounds: int = 3, system_prompt: str | None = None
+    chat: DeltaMemChat,
+    tools: list | None = None,
+    max_tool_rounds: int = 3,
+    system_prompt=None,
+    first_tool_choice: str = "auto",
 ) -> RunnableLambda:
     """A node (sync and async) that runs one turn of ``chat`` on the state's messages and memory and returns
     the reply, the new memory and the new watermark. With ``tools``, tool calls are decoded under a grammar;
     after ``max_tool_rounds`` consecutive tool rounds for one user message the model must answer in text.
     ``system_prompt`` (a string, or a function of the run config returning one) is put in front of the
-    messages when they hold no system message; it is not added to the state."""
+    messages when they hold no system message; it is not added to the state. ``first_tool_choice`` is the
+    tool_choice of the first model call after a user message ("auto", or "any" for agents where every request
+    needs a tool first — small models choose "reply" too often under "auto"); later calls use "auto"."""
+    first = chat.bind_tools(tools, tool_choice=first_tool_choice) if tools else chat
     with_tools = chat.bind_tools(tools) if tools else chat
     text_only = chat.bind_tools(tools, tool_choice="none") if tools else chat
 
     def pick(state):
         rounds = _tool_rounds_since_user(state["messages"])
-        return text_only if rounds >= max_tool_rounds else with_tools
+        if rounds >= max_tool_rounds:
+            return text_only
+        return first if rounds == 0 else with_tools
 
     def update(io: TurnIO, reply: AIMessage) -> dict[str, Any]:
         return {"messages": [reply], "memory": io.new_memory, "written": list(io.new_written)}
@@ -72,12 +81,14 @@ def build_agent(
     state_schema=DeltaMemState,
     system_prompt=None,
     max_tool_rounds: int = 3,
+    first_tool_choice: str = "auto",
     **compile_kwargs,
 ):
     """A ready tool-using agent: ``agent`` (our memory node) <-> ``tools`` (LangGraph's ToolNode), with a
     conditional edge that ends the turn when the model answers in text."""
     graph = StateGraph(state_schema)
-    graph.add_node("agent", memory_node(chat, tools, max_tool_rounds=max_tool_rounds, system_prompt=system_prompt))
+    node = memory_node(chat, tools, max_tool_rounds, system_prompt, first_tool_choice)
+    graph.add_node("agent", node)
     graph.add_node("tools", ToolNode(tools, handle_tool_errors=True))
     graph.add_edge(START, "agent")
     graph.add_conditional_edges("agent", route_tools, ["tools", END])

@@ -119,3 +119,22 @@ def test_agent_calls_a_tool_then_answers():
     kinds = [type(m) for m in state["messages"]]
     assert kinds == [HumanMessage, AIMessage, ToolMessage, AIMessage]
     assert calls == [5] and state["messages"][-1].content == "It is open."
+
+
+def test_first_tool_choice_and_max_tool_rounds_shape_the_turn():
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=80)
+
+    def ping(n: int) -> str:
+        """Ping."""
+        return "pong"
+
+    agent = build_agent(chat, [ping], checkpointer=InMemorySaver(), max_tool_rounds=1, first_tool_choice="any")
+    # the script tries to reply first and to call again later: the grammar forces a call, then a reply
+    with Script(chat.engine, '{"action": "reply", "text": "no"}') as script:
+        script.ids = chat.engine.tokenizer('{"action": "ping", "arguments": {"n": 1}}')["input_ids"] + [2]
+        script.ids += chat.engine.tokenizer('{"action": "ping", "arguments": {"n": 2}}')["input_ids"] + [2]
+        state = agent.invoke({"messages": [HumanMessage("hi")]}, {"configurable": {"thread_id": "p"}})
+    kinds = [type(m).__name__ for m in state["messages"]]
+    assert kinds == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert state["messages"][1].tool_calls[0]["args"] == {"n": 1}
+    assert state["messages"][-1].tool_calls == []  # the second call was not allowed: text only
