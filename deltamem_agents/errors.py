@@ -24,3 +24,7 @@ class AdapterError(DeltaMemError, ValueError):
 
 class BackboneError(DeltaMemError, RuntimeError):
     """A backbone could not be found or loaded."""
+
+
+class MessageError(DeltaMemError, ValueError):
+    """Messages that cannot be used for a turn (empty list, unknown role, no user message)."""

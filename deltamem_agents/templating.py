@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deltamem_agents.errors import MessageError
+
 NOT_WRITTEN = -1
 
 
@@ -46,6 +48,8 @@ def render_chat(
     template renders each prefix of the conversation as a prefix of the whole (true of common templates). Tokens
     after the point where a template breaks that property are assigned to the last message.
     """
+    if not messages:
+        raise MessageError("nothing to render: the message list is empty")
     full = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
     )

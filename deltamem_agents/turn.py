@@ -13,15 +13,11 @@ from dataclasses import dataclass
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-from deltamem_agents.errors import DeltaMemError
+from deltamem_agents.errors import MessageError
 from deltamem_agents.retrieval import retrieve_notes
 from deltamem_agents.tool_grammar import render_tool_call
 
 RECALL_MODES = ("latent", "latent+retrieval")
-
-
-class MessageError(DeltaMemError, ValueError):
-    """The messages of a turn cannot be used (empty, unknown role, no user message)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,34 @@
+"""Source scans: nothing is unpickled (one permitted torch.load with weights_only=True) and SQL only uses
+placeholders."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+SOURCES = [p for folder in ("deltamem_agents", "examples", "plugins") for p in (ROOT / folder).rglob("*.py")]
+UNPICKLING = re.compile(r"\b(pickle|cPickle|dill|joblib|marshal|shelve)\b|torch\.load\(|\.load_state_dict_from_url")
+
+
+def test_no_unpickling_except_the_reference_importer():
+    hits = []
+    for path in SOURCES:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if UNPICKLING.search(line):
+                hits.append((path.relative_to(ROOT).as_posix(), line.strip()))
+    assert hits == [
+        (
+            "deltamem_agents/adapter.py",
+            'raw = torch.load(weights_path, map_location="cpu", weights_only=True)  # the one permitted unpickling',
+        )
+    ]
+
+
+def test_sql_uses_placeholders_only():
+    formatted_sql = re.compile(r"""(execute|query)\(\s*f["'].*(\{(?!self\.TABLE\})[^}]*\})""")
+    concatenated = re.compile(r"""(execute|query)\([^)]*["']\s*\+|%\s*\(""")
+    for path in SOURCES:
+        text = path.read_text()
+        for line in text.splitlines():
+            assert not formatted_sql.search(line), f"{path}: SQL built with an f-string: {line.strip()}"
+            if "execute(" in line or "query(" in line:
+                assert not concatenated.search(line), f"{path}: SQL built by concatenation: {line.strip()}"
