@@ -36,6 +36,7 @@ from deltamem_agents.tool_grammar import (
     instructions,
     parse_envelope,
     partial_reply_text,
+    preselect,
     tool_specs,
 )
 from deltamem_agents.turn import WindowPolicy, plan_turn
@@ -74,7 +75,9 @@ class DeltaMemChat(BaseChatModel):
     Build it with :meth:`from_backbone` (embedded default backbone, optional adapter folder) or from a
     :class:`MemoryEngine`. Supports invoke / ainvoke / stream / astream / batch / abatch, ``bind_tools`` (tool
     calls decoded under a JSON grammar, so every call parses and validates), ``with_structured_output``, and
-    ``stop``, ``max_new_tokens``, ``temperature``, ``top_p``, ``seed`` per call.
+    ``stop``, ``max_new_tokens``, ``temperature``, ``top_p``, ``seed`` per call. ``tool_preselect=k`` offers the
+    model only the k bound tools that best match the newest user message (BM25 over names and descriptions),
+    which helps small models choose.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -91,6 +94,7 @@ class DeltaMemChat(BaseChatModel):
     stop: list[str] | None = None
     store: Any = Field(default_factory=InMemoryStore, exclude=True)
     model_name: str = "deltamem"
+    tool_preselect: int | None = None
 
     @classmethod
     def from_backbone(
@@ -153,7 +157,7 @@ class DeltaMemChat(BaseChatModel):
                 memory, written, step = None, (), 0
             fingerprint = self.engine.fingerprint()
             state = MemoryState.from_bytes(memory, fingerprint=fingerprint) if memory else None
-            specs, grammar, extra = self._tools(kwargs)
+            specs, grammar, extra = self._tools(kwargs, _newest_user_text(messages))
             plan = plan_turn(messages, written, self.window, self.engine.count_tokens, extra_system=extra)
             state, tokens_written = self.engine.write(state, plan.to_write)
             data = state.to_bytes()
@@ -168,11 +172,13 @@ class DeltaMemChat(BaseChatModel):
         prompt_ids = self.engine.render_prompt(plan.prompt)
         return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes), io
 
-    def _tools(self, kwargs: dict):
+    def _tools(self, kwargs: dict, request: str):
         tools = kwargs.get("tools") or []
         if not tools:
             return [], None, ""
         specs, allow_reply = allowed_actions(tool_specs(tools), kwargs.get("tool_choice"))
+        if self.tool_preselect and specs:
+            specs = preselect(specs, request, self.tool_preselect)
         schema = envelope_schema(specs, allow_reply)
         grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
         return specs, grammar, instructions(specs, allow_reply)
@@ -295,6 +301,13 @@ class DeltaMemChat(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         return _result([chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)])
+
+
+def _newest_user_text(messages: list[BaseMessage]) -> str:
+    from langchain_core.messages import HumanMessage
+
+    users = [m for m in messages if isinstance(m, HumanMessage)]
+    return users[-1].text if users else ""
 
 
 def _with_thread(config, kwargs: dict) -> dict:

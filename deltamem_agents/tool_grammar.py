@@ -64,6 +64,22 @@ def allowed_actions(specs: list[ToolSpec], tool_choice) -> tuple[list[ToolSpec],
     return chosen, False
 
 
+def preselect(specs: list[ToolSpec], request: str, keep: int) -> list[ToolSpec]:
+    """The ``keep`` tools whose name and description best match ``request`` lexically (BM25), in bound order.
+    Small models choose among few tools far better than among many; with no word in common, all tools stay."""
+    from rank_bm25 import BM25Plus
+
+    from deltamem_agents.retrieval import words
+
+    query = words(request)
+    documents = [words(f"{s.name.replace('_', ' ')} {s.description}") for s in specs]
+    if keep >= len(specs) or not query or not any(set(query) & set(d) for d in documents):
+        return specs
+    scores = BM25Plus(documents).get_scores(query)
+    best = sorted(range(len(specs)), key=lambda i: -scores[i])[:keep]
+    return [specs[i] for i in sorted(best)]
+
+
 def envelope_schema(specs: list[ToolSpec], allow_reply: bool) -> dict:
     """JSON schema of the envelope: one alternative per tool, plus the reply alternative if allowed."""
     if not specs and not allow_reply:

@@ -241,3 +241,18 @@ def test_sqlite_store_is_inspectable(tmp_path, chat):
     assert row[4] == chat.engine.fingerprint()
     store.delete("user-1")
     assert store.load("user-1") is None
+
+
+def test_tool_preselection_keeps_the_best_matching_tools():
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from deltamem_agents.tool_grammar import preselect, tool_specs
+
+    def list_my_tickets() -> str:
+        """List the user's open tickets."""
+        return "[]"
+
+    specs = tool_specs([convert_to_openai_tool(t) for t in (lookup_ticket, close_ticket, list_my_tickets)])
+    assert [s.name for s in preselect(specs, "please close ticket 4, it works", 1)] == ["close_ticket"]
+    assert [s.name for s in preselect(specs, "show my open tickets", 2)][0] in ("list_my_tickets", "lookup_ticket")
+    assert len(preselect(specs, "hello", 1)) == 3  # no word in common: every tool stays

@@ -19,4 +19,15 @@ def system_prompt(config) -> str:
 
 def build_bot(chat: DeltaMemChat, db: TicketDB, checkpointer):
     """The compiled agent graph. Invoke it with config ``{"configurable": {"thread_id", "user_id"}}``."""
-    return build_agent(chat, make_tools(db), checkpointer=checkpointer, system_prompt=system_prompt, max_tool_rounds=1)
+    # The 135M backbone answers in text far too often under tool_choice="auto" and picks among six tools little
+    # better than chance (docs/tool-choice.md), so the first model call of every user turn must call one of the
+    # two tools that best match the request (tool_preselect=2), and after one tool round it must answer.
+    chat = chat.model_copy(update={"tool_preselect": chat.tool_preselect or 2})
+    return build_agent(
+        chat,
+        make_tools(db),
+        checkpointer=checkpointer,
+        system_prompt=system_prompt,
+        max_tool_rounds=1,
+        first_tool_choice="any",
+    )

@@ -3,7 +3,8 @@
     python -m examples.ticketing_bot.tool_choice [--backbone NAME] [--out docs/tool-choice]
 
 Every request is one fresh turn (no history) with the bot's system prompt and the six ticket tools bound.
-Modes: ``auto`` (the grammar lets the model reply in text or call a tool) and ``any`` (it must call one).
+Modes: ``auto`` (the grammar lets the model reply in text or call a tool), ``any`` (it must call one), and
+``any+preselect2`` (it must call one of the 2 tools whose name and description best match the request, BM25).
 Every call parses and validates by construction; what is measured is the choice.
 """
 
@@ -47,12 +48,14 @@ def main(argv=None) -> int:
     from examples.ticketing_bot.tickets import TicketDB
     from examples.ticketing_bot.tools import make_tools
 
-    chat = DeltaMemChat.from_backbone(args.backbone, max_new_tokens=120)
+    chat = DeltaMemChat.from_backbone(args.backbone, max_new_tokens=100)
     tools = make_tools(TicketDB(":memory:"))
     system = SystemMessage(SYSTEM_PROMPT.format(user="dana", day="Monday"))
     rows, summary = [], {}
-    for mode in ("auto", "any"):
-        bound = chat.bind_tools(tools, tool_choice=mode)
+    for mode in ("auto", "any", "any+preselect2"):
+        choice, _, preselect = mode.partition("+preselect")
+        chat.tool_preselect = int(preselect) if preselect else None
+        bound = chat.bind_tools(tools, tool_choice=choice)
         right = 0
         for text, expected in REQUESTS:
             t0 = time.perf_counter()
