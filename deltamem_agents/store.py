@@ -67,7 +67,8 @@ class SqliteMemoryStore:
         self.path = str(path)
         self._lock = threading.Lock()
         try:
-            connection = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+            uri = self.path.startswith("file:")  # e.g. "file:threads.db?mode=ro" for a read-only view
+            connection = sqlite3.connect(self.path, check_same_thread=False, timeout=30, uri=uri)
             self.db = sqlite_utils.Database(connection)
             if self.TABLE not in self.db.table_names():
                 self.db[self.TABLE].create(

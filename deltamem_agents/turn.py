@@ -138,21 +138,45 @@ def plan_turn(
 
 
 def _cap_window(window: list[int], tail: list[int], chat: list[dict], max_tokens: int, count_tokens) -> list[int]:
-    """Drop the oldest window messages until the window fits ``max_tokens``; if the tail alone is too long, cut
-    the newest user message's text from the left (its start is then only in memory if written later)."""
+    """Drop the oldest window messages until the window fits ``max_tokens``. If the current turn alone (the
+    newest user message and what follows: tool calls and results) is still too long, cut its longest messages:
+    tool results and replies keep their beginning, the user message its end. The full texts stay in the state
+    and are written into memory at the next turn."""
     costs = {i: count_tokens(chat[i]["content"]) + 4 for i in window}
     while sum(costs[i] for i in window) > max_tokens and window[0] not in tail:
         window = window[1:]
     overflow = sum(costs[i] for i in window) - max_tokens
-    if overflow > 0:
-        first = tail[0]
-        text = chat[first]["content"]
-        words = text.split()
-        keep = len(words)
-        while keep > 1 and count_tokens(" ".join(words[-keep:])) > max(costs[first] - overflow - 4, 8):
-            keep = max(1, keep // 2 if keep > 64 else keep - 1)
-        chat[first] = {**chat[first], "content": " ".join(words[-keep:])}
+    while overflow > 0:
+        longest = max(window, key=lambda i: costs[i])
+        target = max(costs[longest] - 4 - overflow, 8)
+        shorter = _cut(chat[longest], target, count_tokens)
+        cost = count_tokens(shorter) + 4
+        if cost >= costs[longest]:
+            break  # nothing left to cut: the prompt is then bounded by the context limit of the engine
+        chat[longest] = {**chat[longest], "content": shorter}
+        costs[longest] = cost
+        overflow = sum(costs[i] for i in window) - max_tokens
     return window
+
+
+def _cut(message: dict, budget: int, count_tokens) -> str:
+    """The message text cut to about ``budget`` tokens, on word boundaries (binary search)."""
+    words = message["content"].split()
+    keep_end = message["role"] == "user"
+    marker = "[…]"
+    lo, hi = 0, len(words)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        part = words[-mid:] if keep_end else words[:mid]
+        if count_tokens(" ".join(part)) + 2 <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    part = words[-lo:] if keep_end and lo else words[:lo]
+    if not part:  # one giant word: cut characters
+        text = message["content"]
+        part = [text[-budget:] if keep_end else text[:budget]]
+    return f"{marker} {' '.join(part)}" if keep_end else f"{' '.join(part)} {marker}"
 
 
 def _text(message: BaseMessage) -> str:

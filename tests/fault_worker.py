@@ -1,0 +1,92 @@
+"""A worker that can be SIGKILLed in the middle of a turn (used by test_faults.py).
+
+usage: python fault_worker.py MODE DB THREAD TURN [MARKER]
+MODE: graph-run        run user turn TURN through a chatbot graph over SqliteSaver(DB)
+      graph-resume     resume the thread's pending run (invoke(None)) after a crash
+      store-run        run turn TURN standalone with SqliteMemoryStore(DB)
+MARKER: if given, touch it and hang (so the parent can kill us) at the point named by $FAULT_AT:
+      "generation" (first decoded token) or "checkpoint" (inside the write of the turn's final checkpoint,
+      before it commits).
+Prints "REPLY\\t<text>" and "MEMORY\\t<hex>" when it completes.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from graph_worker import user_turn  # noqa: E402
+from langchain_core.messages import AIMessage  # noqa: E402
+from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: E402
+from tiny_chat import tiny_engine  # noqa: E402
+
+from deltamem_agents.chat import DeltaMemChat  # noqa: E402
+from deltamem_agents.engine import MemoryEngine, TextPiece  # noqa: E402
+from deltamem_agents.graph import build_chatbot  # noqa: E402
+from deltamem_agents.store import SqliteMemoryStore  # noqa: E402
+
+
+def hang(marker: str) -> None:
+    Path(marker).touch()
+    time.sleep(600)
+
+
+def install_fault(marker: str, turn: int) -> None:
+    where = os.environ.get("FAULT_AT", "generation")
+    if where == "generation":
+        original = MemoryEngine.stream
+
+        def stream(self, *args, **kwargs):
+            for event in original(self, *args, **kwargs):
+                if isinstance(event, TextPiece):
+                    hang(marker)
+                yield event
+
+        MemoryEngine.stream = stream
+    else:
+        original_put = SqliteSaver.put
+
+        def put(self, config, checkpoint, metadata, new_versions):
+            if len(checkpoint["channel_values"].get("messages", [])) == 2 * turn:  # the turn's final checkpoint
+                hang(marker)
+            return original_put(self, config, checkpoint, metadata, new_versions)
+
+        SqliteSaver.put = put
+
+
+def conversation(thread: str, turn: int) -> list:
+    """The standalone conversation up to user turn ``turn`` (assistant turns are fixed texts)."""
+    messages = []
+    for t in range(1, turn + 1):
+        messages.append(user_turn(thread, t))
+        if t < turn:
+            messages.append(AIMessage(f"answer {t}", id=f"{thread}-a{t}"))
+    return messages
+
+
+def main() -> None:
+    mode, db, thread, turn = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    if len(sys.argv) > 5:
+        install_fault(sys.argv[5], turn)
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    config = {"configurable": {"thread_id": thread}}
+    if mode.startswith("graph"):
+        with SqliteSaver.from_conn_string(db) as saver:
+            graph = build_chatbot(chat, checkpointer=saver)
+            inputs = None if mode == "graph-resume" else {"messages": [user_turn(thread, turn)]}
+            state = graph.invoke(inputs, config)
+        print(f"REPLY\t{state['messages'][-1].content!r}")
+        print(f"MEMORY\t{state['memory'].hex()}")
+    else:
+        store = SqliteMemoryStore(db)
+        chat.store = store
+        reply = chat.invoke(conversation(thread, turn), config)
+        print(f"REPLY\t{reply.content!r}")
+        print(f"MEMORY\t{store.load(thread).state.hex()}")
+        print(f"WRITTEN\t{','.join(store.load(thread).written)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Bad input gets a clear error (or a documented, sensible behaviour), and nothing is lost."""
+
+import pytest
+import torch
+from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
+from tiny_chat import tiny_engine
+
+from deltamem_agents import MemoryState, MemoryStateError
+from deltamem_agents.chat import DeltaMemChat
+from deltamem_agents.errors import MessageError
+from deltamem_agents.graph import build_chatbot
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine()
+
+
+def graph_with_turns(chat, thread="g"):
+    graph = build_chatbot(chat, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": thread}}
+    for turn in (1, 2):
+        graph.invoke({"messages": [HumanMessage(f"turn {turn}", id=f"u{turn}")]}, config)
+    return graph, config
+
+
+@pytest.mark.parametrize("damage", ["corrupted", "truncated", "nan", "foreign"])
+def test_bad_memory_in_the_checkpoint_fails_clearly_and_keeps_the_checkpoint(engine, damage):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4)
+    graph, config = graph_with_turns(chat)
+    good = graph.get_state(config).values["memory"]
+    if damage == "corrupted":
+        bad = b"\x00" * 8 + good[8:]
+    elif damage == "truncated":
+        bad = good[: len(good) // 3]
+    elif damage == "nan":
+        state = MemoryState.from_bytes(good)
+        tensor = state.tensor.clone()
+        tensor[0, 0, 0, 0, 0] = float("nan")
+        bad = MemoryState(tensor, state.fingerprint, state.layers).to_bytes()
+    else:  # written by another adapter (another seed of the same backbone)
+        other = DeltaMemChat(engine=tiny_engine(seed=5), max_new_tokens=4)
+        other_graph, other_config = graph_with_turns(other, "other")
+        bad = other_graph.get_state(other_config).values["memory"]
+    graph.update_state(config, {"memory": bad})
+    before = graph.get_state(config)
+    with pytest.raises(MemoryStateError):
+        graph.invoke({"messages": [HumanMessage("turn 3", id="u3")]}, config)
+    after = graph.get_state(config)
+    assert after.values["memory"] == bad and len(after.values["messages"]) == len(before.values["messages"]) + 1
+    graph.update_state(config, {"memory": good})  # restoring the good bytes makes the thread usable again
+    assert graph.invoke(None, config)["messages"][-1].type == "ai"
+
+
+def test_unknown_roles_fail_clearly(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4)
+    with pytest.raises(MessageError, match="unsupported message type ChatMessage"):
+        chat.invoke([ChatMessage(role="wizard", content="abracadabra"), HumanMessage("hi")])
+
+
+def test_a_message_longer_than_the_context_is_written_in_pieces_and_the_window_trimmed():
+    engine = tiny_engine(max_context=256)
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4, window_tokens=120)
+    huge = "word " * 400  # ~2000 tokens with the character tokenizer: far beyond the 256-token context
+    messages = [HumanMessage(huge, id="1"), AIMessage("ok", id="2"), HumanMessage(huge + " end", id="3")]
+    reply = chat.invoke(messages, {"configurable": {"thread_id": "long"}})
+    assert reply.response_metadata["memory_tokens_written"] > 2000  # all of it, in pieces
+    assert reply.usage_metadata["input_tokens"] <= 120 + chat.notes_tokens + 60  # window + notes caps + system
+
+
+def test_a_huge_tool_result_is_cut_in_the_prompt_but_kept_in_the_state(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4, window_tokens=200)
+    call = {"name": "dump", "args": {}, "id": "c1"}
+    result = "x" * 100_000
+    messages = [
+        HumanMessage("dump it", id="1"),
+        AIMessage("", tool_calls=[call], id="2"),
+        ToolMessage(result, tool_call_id="c1", id="3"),
+    ]
+    reply = chat.invoke(messages)
+    assert reply.usage_metadata["input_tokens"] <= 200 + 80  # window cap + system, template and tool prefix
+    assert messages[2].content == result  # the caller's messages are untouched
+
+
+def test_an_unknown_thread_starts_from_an_empty_memory(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4)
+    assert chat.store.load("never-seen") is None
+    chat.invoke([HumanMessage("hello")], {"configurable": {"thread_id": "never-seen"}})
+    assert MemoryState.from_bytes(chat.store.load("never-seen").state).is_zero()
+    graph = build_chatbot(chat, checkpointer=InMemorySaver())
+    assert graph.get_state({"configurable": {"thread_id": "nobody"}}).values == {}
+
+
+def test_forget_removes_memory_and_checkpoints_from_the_database_file(tmp_path, engine):
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4)
+    path = tmp_path / "cp.db"
+    with SqliteSaver.from_conn_string(str(path)) as saver:
+        graph = build_chatbot(chat, checkpointer=saver)
+        config = {"configurable": {"thread_id": "secret-user"}}
+        for turn in (1, 2):
+            graph.invoke({"messages": [HumanMessage(f"my pin is 4{turn}{turn}7", id=f"p{turn}")]}, config)
+        saver.delete_thread("secret-user")
+    connection = sqlite3.connect(path)
+    for table in ("checkpoints", "writes"):
+        assert (
+            connection.execute(f"select count(*) from {table} where thread_id = ?", ["secret-user"]).fetchone()[0] == 0
+        )
+    connection.execute("vacuum")
+    connection.close()
+    assert b"pin is" not in path.read_bytes()
+
+
+def test_a_state_is_read_only_with_its_thread_id(tmp_path, engine):
+    from deltamem_agents.store import SqliteMemoryStore
+
+    store = SqliteMemoryStore(tmp_path / "s.db")
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4, store=store)
+    chat.invoke(
+        [HumanMessage("a", id="1"), AIMessage("b", id="2"), HumanMessage("c", id="3")],
+        {"configurable": {"thread_id": "alice"}},
+    )
+    assert store.load("alice") is not None and store.load("bob") is None
+    assert store.load("alice%") is None and store.load("' or '1'='1") is None
+    assert torch.is_tensor(MemoryState.from_bytes(store.load("alice").state).tensor)
