@@ -193,6 +193,8 @@ def _decoder_post_hook(module, args, output):
 
 
 def _hook_attention(attention: nn.Module, memory: MemoryLayer, spec: BackboneSpec, position: int) -> list:
+    fusable = spec.fused_qkv is None  # separate q/k/v modules: corrections are whole projection outputs
+
     def pre_hook(module, args, kwargs):
         context = CURRENT_CALL.get()
         if context is None:
@@ -209,27 +211,42 @@ def _hook_attention(attention: nn.Module, memory: MemoryLayer, spec: BackboneSpe
             if state.shape[0] != 1:
                 raise ConfigError(f"memory state has batch {state.shape[0]} but the input has batch {x.shape[0]}")
             state = state.expand(x.shape[0], -1, -1, -1)
+        if fusable and carrier.writes and context.mask is None and x.shape[1] == 1:
+            fused = memory.decode_fused(x, state)  # None unless the fused CPU kernel is enabled and applies
+            if fused is not None:
+                context.deltas[position], carrier.states[position] = fused
+                return None
         reads, new_state = memory.read_write(
             x, state, carrier.writes, mask=context.mask, segment_ids=context.segment_ids
         )  # (B, T, R), (B, H, r, r)
         carrier.states[position] = new_state
-        context.reads[position] = reads
+        if fusable:  # all corrections in one matmul; the projection hooks only add their slice
+            context.deltas[position] = memory.corrections(reads)
+        else:
+            context.reads[position] = reads
         return None
 
     def post_hook(module, args, output):
         context = CURRENT_CALL.get()
         if context is not None:
             context.reads.pop(position, None)
+            context.deltas.pop(position, None)
 
     def correct(name: str, columns: slice | None = None):
         def hook(module, args, output):
             context = CURRENT_CALL.get()
-            reads = context.reads.get(position) if context is not None else None
+            if context is None:
+                return None
+            deltas = context.deltas.get(position)
+            if deltas is not None:  # computed by the pre-hook (one matmul) or by the fused decode kernel
+                delta = deltas[name]  # (B, T, out)
+                return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
+            reads = context.reads.get(position)
             if reads is None:
                 return None
-            delta = memory.correction(name, reads).to(output.dtype)  # (B, T, out)
             if columns is None:
-                return output + delta
+                return memory.add_correction(name, reads, output)  # (B, T, out)
+            delta = memory.correction(name, reads).to(output.dtype)  # (B, T, out)
             return torch.cat(
                 [output[..., : columns.start], output[..., columns] + delta, output[..., columns.stop :]], -1
             )

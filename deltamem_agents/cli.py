@@ -18,6 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--backbone", default="smollm2-135m-instruct")
     chat.add_argument("--adapter", help="folder of a saved adapter")
     chat.add_argument("--max-new-tokens", type=int, default=200)
+    bench = commands.add_parser("bench", help="benchmarks: scan, backbone overhead, turns vs replay, checkpoints")
+    bench.add_argument("--quick", action="store_true", help="short sizes for a smoke run")
+    bench.add_argument("--out", default="docs/benchmarks", help="folder for results JSON, markdown and PNGs")
+    bench.add_argument("--backbone", default="smollm2-135m-instruct")
+    bench.add_argument("--sections", default="scan,overhead,turns,checkpoints", help="comma-separated subset")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (pin the process with taskset)")
+    bench.add_argument("--turns", type=int, default=None, help="turns of the scripted conversation (50; quick 6)")
+    bench.add_argument("--replay-every", type=int, default=None, help="time stateless replay every n-th turn")
     args = parser.parse_args(argv)
 
     if args.command == "chat":
@@ -43,6 +51,25 @@ def main(argv: list[str] | None = None) -> int:
             f"adapter {state.fingerprint}, layers {list(state.layers)}, shape {tuple(state.tensor.shape)}, "
             f"{state.nbytes} bytes, norm {state.tensor.norm():.4f}"
         )
+        return 0
+    if args.command == "bench":
+        from deltamem_agents.bench import run_bench
+
+        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        try:
+            run_bench(
+                args.out,
+                quick=args.quick,
+                sections=sections,
+                backbone=args.backbone,
+                threads=args.threads,
+                turns=args.turns,
+                replay_every=args.replay_every,
+                command="deltamem " + " ".join(argv if argv is not None else sys.argv[1:]),
+            )
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     return 1
 

@@ -44,7 +44,7 @@ class DeltaMemConfig(BaseModel):
     lambda_bias_init: float | None = None
     correction_init: Literal["base_slice", "zero"] = "base_slice"
     correction_gain: float = 0.05
-    chunk_size: int = Field(32, ge=1, le=4096)
+    chunk_size: int = Field(16, ge=1, le=4096)
     init_seed: int = 0
 
     @field_validator("layers")
