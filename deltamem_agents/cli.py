@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=1, help="torch threads (pin the process with taskset)")
     bench.add_argument("--turns", type=int, default=None, help="turns of the scripted conversation (50; quick 6)")
     bench.add_argument("--replay-every", type=int, default=None, help="time stateless replay every n-th turn")
+    from deltamem_agents.train.cli import add_train_parser
+
+    add_train_parser(commands)
+    from deltamem_agents.eval.cli import add_eval_parser
+
+    add_eval_parser(commands)
     args = parser.parse_args(argv)
 
     if args.command == "chat":
@@ -71,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "train":
+        from deltamem_agents.train.cli import run_train
+
+        return run_train(args)
+    if args.command == "eval":
+        from deltamem_agents.eval.cli import run_eval
+
+        return run_eval(args)
     return 1
 
 

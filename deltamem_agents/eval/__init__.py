@@ -1,0 +1,2 @@
+"""Evaluation: tasks (synthetic test split, LoCoMo), methods (window, full history, BM25, δ-mem, control), scoring,
+bootstrap confidence intervals, reports."""

@@ -1,0 +1,80 @@
+"""``deltamem eval``: run the methods on a task and write JSON, a markdown table and a plot."""
+
+import argparse
+import time
+
+
+def add_eval_parser(commands) -> None:
+    """Register the ``eval`` subcommand."""
+    p = commands.add_parser("eval", help="evaluate recall: δ-mem vs window, full history, BM25 and the control")
+    p.add_argument("task", choices=["synthetic", "locomo"])
+    p.add_argument("--data", help="LoCoMo JSON (read in place; e.g. ../shared/data/locomo/locomo_dev.json)")
+    p.add_argument("--backbone", default="smollm2-135m-instruct")
+    p.add_argument("--adapter", help="adapter folder (a training checkpoint works); needed for δ-mem methods")
+    p.add_argument(
+        "--methods", default="window,full,bm25,delta,delta_bm25,delta_control", help="comma-separated method names"
+    )
+    p.add_argument("--limit", type=int, help="at most this many conversations")
+    p.add_argument("--questions", type=int, help="at most this many questions per conversation (evenly spaced)")
+    p.add_argument("--count", type=int, default=60, help="synthetic: number of test episodes")
+    p.add_argument("--level", type=int, default=3, help="synthetic: curriculum level of the test episodes")
+    p.add_argument("--window", type=int, default=2, help="recent messages (turns for LoCoMo) kept in the prompt")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="cap of the full-history prompt")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--cache-dir", default="eval-cache", help="per-conversation result cache (resumable)")
+    p.add_argument("--report-dir", default="docs/eval")
+    p.add_argument("--name", help="report file name (default: the task)")
+    p.add_argument("--threads", type=int)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from deltamem_agents.backbone_zoo import load_backbone
+    from deltamem_agents.eval.report import markdown, write_report
+    from deltamem_agents.eval.runner import evaluate
+    from deltamem_agents.eval.tasks import locomo_task, synthetic_task
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_backbone(args.backbone)
+    if args.adapter:
+        from deltamem_agents.adapter import load_adapter
+
+        load_adapter(model, args.adapter)
+    if args.task == "locomo":
+        if not args.data:
+            raise SystemExit("error: locomo needs --data PATH (the LoCoMo JSON)")
+        conversations = locomo_task(args.data)
+    else:
+        conversations = synthetic_task(args.count, args.level)
+    conversations = conversations[: args.limit] if args.limit else conversations
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.adapter:
+        methods = [m for m in methods if not m.startswith("delta")]
+    started = time.perf_counter()
+    records = evaluate(
+        model,
+        tokenizer,
+        args.task,
+        conversations,
+        methods,
+        args.cache_dir,
+        questions_per_conversation=args.questions,
+        max_new_tokens=args.max_new_tokens,
+        window=args.window,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+    meta = {
+        "task": args.task,
+        "conversations": len(conversations),
+        "questions_per_conversation": args.questions,
+        "adapter": args.adapter,
+        "window": args.window,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+    }
+    summary = write_report(records, args.report_dir, args.name or args.task, meta)
+    print(markdown(summary))
+    return 0

@@ -1,0 +1,1 @@
+"""Training δ-mem adapters: episode data, batching, the objective, checkpoints and the training loop."""
