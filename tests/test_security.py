@@ -6,7 +6,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 SOURCES = [p for folder in ("deltamem_agents", "examples", "plugins") for p in (ROOT / folder).rglob("*.py")]
-UNPICKLING = re.compile(r"\b(pickle|cPickle|dill|joblib|marshal|shelve)\b|torch\.load\(|\.load_state_dict_from_url")
+MODULES = r"(pickle|cPickle|_pickle|dill|joblib|marshal|shelve|cloudpickle)"
+UNPICKLING = re.compile(
+    rf"^\s*(import|from)\s+{MODULES}\b|\b{MODULES}\.(load|loads|Unpickler)\b|torch\.load\(|load_state_dict_from_url"
+)
 
 
 def test_no_unpickling_except_the_reference_importer():

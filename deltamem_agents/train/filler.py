@@ -36,10 +36,12 @@ def split_of(key: str, seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> str:
 def _chitchat_pairs(seed: int) -> dict[str, tuple[tuple[str, str], ...]] | None:
     try:
         import chitchat_dataset
-    except ImportError:
+
+        chats = chitchat_dataset.Dataset()
+    except (ImportError, OSError, ValueError):  # not installed, or installed without its data file
         return None
     pairs: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
-    for chat_id, chat in chitchat_dataset.Dataset().items():
+    for chat_id, chat in chats.items():
         turns = [" ".join(m["text"] for m in block) for block in chat["messages"]]
         turns = [_clip(t) for t in turns if t.strip()]
         bucket = pairs[split_of(chat_id, seed)]
