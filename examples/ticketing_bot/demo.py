@@ -24,7 +24,7 @@ SESSIONS = [
     ("Wednesday", ["Hi again. What is the status of my ticket?", "Thanks. What did I already try?"]),
     ("Friday", ["Good news: the laptop works again. Please close my ticket.", "Thank you for your help!"]),
 ]
-BETWEEN_SESSIONS = {1: ("technician", "Replacement battery ordered, arriving Thursday.", "waiting for parts")}
+BETWEEN_SESSIONS = {0: ("technician", "Replacement battery ordered, arriving Thursday.", "waiting for parts")}
 
 
 def run_session(index: int, data: Path, user: str) -> None:
