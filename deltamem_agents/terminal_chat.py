@@ -12,7 +12,7 @@ from deltamem_agents.graph import build_chatbot
 
 
 def run_terminal_chat(thread: str, db: str | None, backbone: str, adapter: str | None, max_new_tokens: int) -> int:
-    """Read lines from stdin, stream replies to stdout; an empty line or end of input ends the session."""
+    """A terminal chat on a one-node graph whose checkpoints (messages and memory) live in ``db``."""
     path = Path(db) if db else deltamem_home() / "chat.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     chat = DeltaMemChat.from_backbone(backbone, adapter=adapter, max_new_tokens=max_new_tokens)
@@ -20,22 +20,30 @@ def run_terminal_chat(thread: str, db: str | None, backbone: str, adapter: str |
     with SqliteSaver.from_conn_string(str(path)) as saver:
         graph = build_chatbot(chat, checkpointer=saver)
         earlier = graph.get_state(config).values.get("messages", [])
-        print(f"thread {thread!r} in {path} ({len(earlier)} earlier messages). Empty line or Ctrl-D to quit.")
-        while True:
-            try:
-                text = input("you> ").strip()
-            except EOFError:
-                break
-            if not text:
-                break
-            print("bot> ", end="", flush=True)
-            for message, _meta in graph.stream({"messages": [HumanMessage(text)]}, config, stream_mode="messages"):
-                print(message.content, end="", flush=True)
-            state = graph.get_state(config).values
-            print(
-                f"\n     [memory {len(state.get('memory') or b''):,} B, {len(state.get('written', []))} messages in it]"
-            )
+        chat_loop(graph, config, f"thread {thread!r} in {path} ({len(earlier)} earlier messages).")
     return 0
+
+
+def chat_loop(graph, config: dict, banner: str) -> None:
+    """Read lines from stdin and stream the graph's replies (and tool calls) until an empty line or end of
+    input; after each turn, show the size of the thread's memory."""
+    print(f"{banner} Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        print("bot> ", end="", flush=True)
+        for message, _meta in graph.stream({"messages": [HumanMessage(text)]}, config, stream_mode="messages"):
+            if message.type != "tool" and message.content:
+                print(message.content, end="", flush=True)
+            for call in getattr(message, "tool_calls", None) or []:
+                print(f"[tool call: {call['name']} {call['args']}]", end="", flush=True)
+        state = graph.get_state(config).values
+        size, written = len(state.get("memory") or b""), len(state.get("written", []))
+        print(f"\n     [memory {size:,} B, {written} messages in it]")
 
 
 if __name__ == "__main__":

@@ -4,33 +4,19 @@ import json
 
 import pytest
 import torch
+from tiny_chat import CHATML_PLAIN, char_level_tokenizer
 from tiny_models import tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import DynamicCache, PreTrainedTokenizerFast
+from transformers import DynamicCache
 
 from deltamem_agents.bench import run_bench
 from deltamem_agents.bench.timing import alternate, paired_ratio
 from deltamem_agents.bench.turns import _crop_to, kv_cache_bytes, scripted_conversation
 from deltamem_agents.cli import main
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def char_tokenizer(vocab_size: int):
-    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    for ch in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,:'":
-        if len(vocab) < vocab_size:
-            vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>")
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHATML
-    return tok
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,:'"
+    return char_level_tokenizer(chars, CHATML_PLAIN, vocab_size=vocab_size)
 
 
 @pytest.mark.parametrize("sections", [("scan", "overhead", "turns", "checkpoints")])

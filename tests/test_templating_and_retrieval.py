@@ -1,8 +1,7 @@
 """Chat rendering with message boundaries, and BM25 notes from the same thread under a token cap."""
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny_chat import char_level_tokenizer
 
 from deltamem_agents.retrieval import retrieve_notes, words
 from deltamem_agents.templating import render_chat
@@ -16,16 +15,7 @@ CHATML = (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    for ch in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!'":
-        vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>")
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHATML
-    return tok
+    return char_level_tokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!'", CHATML)
 
 
 def test_every_token_belongs_to_its_message(tokenizer):

@@ -17,15 +17,25 @@ SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+def char_level_tokenizer(chars, template: str, vocab_size: int | None = None, pad_token: str | None = None):
+    """Specials ``<unk>``, ``<|im_start|>``, ``<|im_end|>`` then one token per character of ``chars`` (at most
+    ``vocab_size`` tokens in all), with ``template`` as the chat template."""
+    vocab = {token: i for i, token in enumerate(SPECIALS)}
+    for ch in chars:
+        if vocab_size is None or len(vocab) < vocab_size:
+            vocab.setdefault(ch, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>")
+    extra = {"pad_token": pad_token} if pad_token else {}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", **extra)
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
-    tokenizer.chat_template = CHATML
+    tokenizer.chat_template = template
     return tokenizer
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return char_level_tokenizer(CHARS, CHATML)
 
 
 def tiny_lm(seed: int = 0):
@@ -92,15 +102,5 @@ CHATML_PLAIN = (
 def char_tokenizer():
     """Characters as tokens within the tiny models' 97-token vocabulary (tests/tiny_models.py), specials
     ``<|im_start|>`` / ``<|im_end|>``, a ChatML template without a default system prompt."""
-    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    for ch in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!'=#-":
-        vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<unk>"
-    )
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHATML_PLAIN
-    return tok
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!'=#-"
+    return char_level_tokenizer(chars, CHATML_PLAIN, pad_token="<unk>")

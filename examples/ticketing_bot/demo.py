@@ -83,31 +83,17 @@ def staff_update(data: Path, user: str, after_session: int) -> None:
 
 
 def interactive(data: Path, user: str) -> None:
-    from langchain_core.messages import HumanMessage
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     from deltamem_agents.chat import DeltaMemChat
+    from deltamem_agents.terminal_chat import chat_loop
     from examples.ticketing_bot.bot import build_bot
     from examples.ticketing_bot.tickets import TicketDB
 
     chat = DeltaMemChat.from_backbone(max_new_tokens=120)
     config = {"configurable": {"thread_id": f"support-{user}", "user_id": user}}
     with SqliteSaver.from_conn_string(str(data / "checkpoints.db")) as saver:
-        bot = build_bot(chat, TicketDB(data / "tickets.db"), saver)
-        print(f"Support bot for {user}. Empty line or Ctrl-D to quit.")
-        while True:
-            try:
-                text = input("you> ").strip()
-            except EOFError:
-                break
-            if not text:
-                break
-            for message, meta in bot.stream({"messages": [HumanMessage(text)]}, config, stream_mode="messages"):
-                if meta.get("langgraph_node") == "agent" and message.content:
-                    print(message.content, end="", flush=True)
-                if getattr(message, "tool_calls", None):
-                    print(f"[tool call: {message.tool_calls[0]['name']} {message.tool_calls[0]['args']}]", end="")
-            print()
+        chat_loop(build_bot(chat, TicketDB(data / "tickets.db"), saver), config, f"Support bot for {user}.")
 
 
 def main(argv=None) -> int:
