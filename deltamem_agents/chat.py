@@ -127,6 +127,14 @@ class DeltaMemChat(BaseChatModel):
     def window(self) -> WindowPolicy:
         return WindowPolicy(self.window_messages, self.window_tokens, self.recall, self.notes_tokens)
 
+    def forget(self, thread_id: str) -> None:
+        """Remove a standalone thread's memory (state bytes and written ids) from :attr:`store`; the next call
+        with this thread id starts from an empty memory. Inside a LangGraph graph the memory lives in the
+        checkpoints: use the checkpointer's ``delete_thread(thread_id)`` there."""
+        lock = _thread_lock(self.store, thread_id)
+        with lock:  # not in the middle of a turn of the same thread
+            self.store.delete(str(thread_id))
+
     def get_num_tokens(self, text: str) -> int:
         """Token count from the backbone's real tokenizer."""
         return self.engine.count_tokens(text)

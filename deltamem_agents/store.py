@@ -86,6 +86,7 @@ class SqliteMemoryStore:
                     if_not_exists=True,
                 )
             self.db.enable_wal()
+            self.db.execute("pragma secure_delete = on")  # deleted threads leave zeros, not their bytes
         except sqlite3.Error as err:
             raise StoreError(f"cannot open memory store {self.path}: {err}") from None
 
@@ -113,7 +114,7 @@ class SqliteMemoryStore:
         }
         with self._lock:
             try:
-                with self.db.conn:
+                with self.db.atomic():  # BEGIN ... COMMIT: a save lands whole or not at all
                     self.db[self.TABLE].upsert(record, pk="thread_id")
             except sqlite3.Error as err:
                 raise StoreError(
@@ -121,9 +122,15 @@ class SqliteMemoryStore:
                 ) from None
 
     def delete(self, thread_id: str) -> None:
+        """Remove the thread's row. ``secure_delete`` overwrites the freed pages with zeros and the WAL is
+        checkpointed and truncated, so its bytes are gone from the files, not only from queries."""
         with self._lock:
-            with self.db.conn:
-                self.db.execute(f"delete from {self.TABLE} where thread_id = ?", [thread_id])
+            try:
+                with self.db.atomic():
+                    self.db.execute(f"delete from {self.TABLE} where thread_id = ?", [thread_id])
+                self.db.execute("pragma wal_checkpoint(truncate)")
+            except sqlite3.Error as err:
+                raise StoreError(f"cannot delete thread {thread_id!r} from {self.path}: {err}") from None
 
     def threads(self) -> list[str]:
         with self._lock:

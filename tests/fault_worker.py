@@ -1,18 +1,20 @@
 """A worker that can be SIGKILLed in the middle of a turn (used by test_faults.py).
 
 usage: python fault_worker.py MODE DB THREAD TURN [MARKER]
-MODE: graph-run        run user turn TURN through a chatbot graph over SqliteSaver(DB)
+MODE: graph-run        run user turn TURN through a chatbot graph over DB: SqliteSaver(path) or, for a
+                       postgresql:// URL, PostgresSaver(url)
       graph-resume     resume the thread's pending run (invoke(None)) after a crash
       store-run        run turn TURN standalone with SqliteMemoryStore(DB)
 MARKER: if given, touch it and hang (so the parent can kill us) at the point named by $FAULT_AT:
-      "generation" (first decoded token) or "checkpoint" (inside the write of the turn's final checkpoint,
-      before it commits).
+      "generation" (first decoded token) or "checkpoint" (inside the write of the turn's final checkpoint or
+      of the store's row, before it commits).
 Prints "REPLY\\t<text>" and "MEMORY\\t<hex>" when it completes.
 """
 
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,15 +47,49 @@ def install_fault(marker: str, turn: int) -> None:
                 yield event
 
         MemoryEngine.stream = stream
-    else:
+    elif where == "checkpoint":
+        import langgraph.checkpoint.postgres as postgres
+        import sqlite_utils
+
         original_put = SqliteSaver.put
+        original_metadata = postgres.get_serializable_checkpoint_metadata
+        original_upsert = sqlite_utils.db.Table.upsert
 
         def put(self, config, checkpoint, metadata, new_versions):
             if len(checkpoint["channel_values"].get("messages", [])) == 2 * turn:  # the turn's final checkpoint
                 hang(marker)
             return original_put(self, config, checkpoint, metadata, new_versions)
 
+        def metadata(config, metadata):
+            # PostgresSaver.put calls this after sending the blobs (messages, memory) and before the
+            # checkpoint row, inside its pipeline: the kill lands in the middle of the write
+            if metadata.get("source") == "loop":
+                hang(marker)
+            return original_metadata(config, metadata)
+
+        def upsert(self, record, *args, **kwargs):
+            result = original_upsert(self, record, *args, **kwargs)  # the row is written, not yet committed
+            hang(marker)
+            return result
+
         SqliteSaver.put = put
+        postgres.get_serializable_checkpoint_metadata = metadata
+        sqlite_utils.db.Table.upsert = upsert
+    else:
+        raise SystemExit(f"unknown FAULT_AT {where!r}")
+
+
+@contextmanager
+def open_saver(db: str):
+    if db.startswith("postgresql://"):
+        from langgraph.checkpoint.postgres import PostgresSaver
+
+        with PostgresSaver.from_conn_string(db) as saver:
+            saver.setup()
+            yield saver
+    else:
+        with SqliteSaver.from_conn_string(db) as saver:
+            yield saver
 
 
 def conversation(thread: str, turn: int) -> list:
@@ -73,7 +109,7 @@ def main() -> None:
     chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
     config = {"configurable": {"thread_id": thread}}
     if mode.startswith("graph"):
-        with SqliteSaver.from_conn_string(db) as saver:
+        with open_saver(db) as saver:
             graph = build_chatbot(chat, checkpointer=saver)
             inputs = None if mode == "graph-resume" else {"messages": [user_turn(thread, turn)]}
             state = graph.invoke(inputs, config)

@@ -25,7 +25,29 @@ def graph_with_turns(chat, thread="g"):
     return graph, config
 
 
-@pytest.mark.parametrize("damage", ["corrupted", "truncated", "nan", "foreign"])
+def other_backbone_engine():
+    """A qwen2 backbone (instead of the tiny llama) with the same tokenizer, memory shapes and layer count."""
+    from tiny_chat import tiny_tokenizer
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from deltamem_agents.engine import MemoryEngine
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return MemoryEngine(AutoModelForCausalLM.from_config(config).eval(), tiny_tokenizer())
+
+
+@pytest.mark.parametrize("damage", ["corrupted", "truncated", "nan", "inf", "foreign", "other-backbone"])
 def test_bad_memory_in_the_checkpoint_fails_clearly_and_keeps_the_checkpoint(engine, damage):
     chat = DeltaMemChat(engine=engine, max_new_tokens=4)
     graph, config = graph_with_turns(chat)
@@ -34,23 +56,41 @@ def test_bad_memory_in_the_checkpoint_fails_clearly_and_keeps_the_checkpoint(eng
         bad = b"\x00" * 8 + good[8:]
     elif damage == "truncated":
         bad = good[: len(good) // 3]
-    elif damage == "nan":
+    elif damage in ("nan", "inf"):
         state = MemoryState.from_bytes(good)
-        tensor = state.tensor.clone()
-        tensor[0, 0, 0, 0, 0] = float("nan")
+        tensor = state.tensor.clone()  # (L, B, H, r, r)
+        tensor[0, 0, 0, 0, 0] = float(damage)
         bad = MemoryState(tensor, state.fingerprint, state.layers).to_bytes()
-    else:  # written by another adapter (another seed of the same backbone)
-        other = DeltaMemChat(engine=tiny_engine(seed=5), max_new_tokens=4)
+    else:  # written by another adapter (another seed of the same backbone), or on another backbone
+        other_engine = tiny_engine(seed=5) if damage == "foreign" else other_backbone_engine()
+        other = DeltaMemChat(engine=other_engine, max_new_tokens=4)
         other_graph, other_config = graph_with_turns(other, "other")
         bad = other_graph.get_state(other_config).values["memory"]
     graph.update_state(config, {"memory": bad})
     before = graph.get_state(config)
-    with pytest.raises(MemoryStateError):
+    with pytest.raises(MemoryStateError, match="corrupted|NaN|another adapter|written by adapter"):
         graph.invoke({"messages": [HumanMessage("turn 3", id="u3")]}, config)
     after = graph.get_state(config)
     assert after.values["memory"] == bad and len(after.values["messages"]) == len(before.values["messages"]) + 1
     graph.update_state(config, {"memory": good})  # restoring the good bytes makes the thread usable again
     assert graph.invoke(None, config)["messages"][-1].type == "ai"
+
+
+def test_an_empty_message_list_fails_clearly_on_a_new_thread_and_continues_an_existing_one(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4)
+    with pytest.raises(MessageError, match="no messages"):
+        chat.invoke([])
+    graph = build_chatbot(chat, checkpointer=InMemorySaver())
+    new = {"configurable": {"thread_id": "empty"}}
+    with pytest.raises(MessageError, match="no messages"):
+        graph.invoke({"messages": []}, new)
+    assert graph.get_state(new).values.get("memory") is None  # nothing was written for it
+    graph, config = graph_with_turns(chat)
+    before = graph.get_state(config).values
+    after = graph.invoke({"messages": []}, config)  # like any chat graph: the assistant speaks again
+    assert after["messages"][: len(before["messages"])] == before["messages"]
+    assert len(after["messages"]) == len(before["messages"]) + 1 and after["messages"][-1].type == "ai"
+    assert after["written"] == before["written"]  # the newest user message is still the same: nothing new to write
 
 
 def test_unknown_roles_fail_clearly(engine):
@@ -127,3 +167,32 @@ def test_a_state_is_read_only_with_its_thread_id(tmp_path, engine):
     assert store.load("alice") is not None and store.load("bob") is None
     assert store.load("alice%") is None and store.load("' or '1'='1") is None
     assert torch.is_tensor(MemoryState.from_bytes(store.load("alice").state).tensor)
+
+
+def test_forget_removes_a_standalone_thread_from_the_store_file(tmp_path, engine):
+    from deltamem_agents.store import SqliteMemoryStore
+
+    path = tmp_path / "threads.db"
+    store = SqliteMemoryStore(path)
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4, store=store)
+
+    def turn(thread):
+        return [
+            HumanMessage(f"{thread}: my pin is 4117", id="1"),
+            AIMessage("noted", id="2"),
+            HumanMessage("ok", id="3"),
+        ]
+
+    for thread in ("secret-user", "other-user"):
+        chat.invoke(turn(thread), {"configurable": {"thread_id": thread}})
+    secret = store.load("secret-user").state
+    kept = store.load("other-user")
+    chat.forget("secret-user")
+    assert store.load("secret-user") is None and store.load("other-user") == kept
+    files = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("threads.db"))
+    assert b"secret-user" not in files and secret[-4096:] not in files  # the row's bytes, not only its key
+    assert kept.state[-4096:] in files and secret != kept.state
+    reply = chat.invoke(
+        turn("secret-user"), {"configurable": {"thread_id": "secret-user"}}
+    )  # starts again from empty memory
+    assert reply.response_metadata["memory_tokens_written"] > 0 and store.load("secret-user").step == 1

@@ -1,12 +1,14 @@
 """A worker killed (SIGKILL) in the middle of a turn: after a restart the thread continues from its last
 committed state, nothing is written into memory twice or skipped, and the next answer is the same as that of a
-run that was never killed. Also: a read-only database gives a clear error and keeps the previous state."""
+run that was never killed (SQLite and Postgres checkpointers, and the standalone store). Also: a full disk or a
+read-only database gives a clear error and keeps the previous state readable."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -51,14 +53,34 @@ def test_graph_turn_killed_midway_resumes_identically(tmp_path, fault_at):
     assert resumed == expected
 
 
-def test_standalone_store_turn_killed_midway_resumes_identically(tmp_path):
+POSTGRES = os.environ.get("DELTAMEM_TEST_POSTGRES_URL")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="set DELTAMEM_TEST_POSTGRES_URL (bash scripts/start-postgres.sh)")
+@pytest.mark.parametrize("fault_at", ["generation", "checkpoint"])
+def test_postgres_turn_killed_midway_resumes_identically(tmp_path, fault_at):
+    """The same kill on the shared Postgres checkpointer; the run never killed is on SQLite: the memory and the
+    answer do not depend on which checkpointer holds them."""
+    thread = f"kill-{uuid.uuid4().hex[:8]}"
+    straight = str(tmp_path / "straight.db")
+    for turn in (1, 2, 3):
+        expected = run("graph-run", straight, thread, str(turn))
+    for turn in (1, 2):
+        run("graph-run", POSTGRES, thread, str(turn))
+    kill_midway(["graph-run", POSTGRES, thread, "3"], tmp_path / "marker", fault_at)
+    resumed = run("graph-resume", POSTGRES, thread, "3")
+    assert resumed == expected
+
+
+@pytest.mark.parametrize("fault_at", ["generation", "checkpoint"])
+def test_standalone_store_turn_killed_midway_resumes_identically(tmp_path, fault_at):
     straight = str(tmp_path / "straight.db")
     for turn in (1, 2, 3):
         expected = run("store-run", straight, "s", str(turn))
     crashed = str(tmp_path / "crashed.db")
     for turn in (1, 2):
         run("store-run", crashed, "s", str(turn))
-    kill_midway(["store-run", crashed, "s", "3"], tmp_path / "marker", "generation")
+    kill_midway(["store-run", crashed, "s", "3"], tmp_path / "marker", fault_at)
     again = run("store-run", crashed, "s", "3")
     assert again == expected
     assert expected["WRITTEN"] == "s-u1,s-a1,s-u2,s-a2"  # every older message once, in order
@@ -86,3 +108,68 @@ def test_read_only_store_gives_a_clear_error_and_keeps_the_state(tmp_path):
     assert chat.store.load("ro") == before
     os.chmod(path, 0o644)
     assert SqliteMemoryStore(path).load("ro") == before
+
+
+def fill_the_disk(connection) -> None:
+    """Cap the database at its current size: the next write that needs a page fails with SQLITE_FULL, exactly
+    the error a full disk gives."""
+    pages = connection.execute("pragma page_count").fetchone()[0]
+    connection.execute(f"pragma max_page_count = {pages}")
+
+
+def test_full_disk_store_gives_a_clear_error_and_keeps_the_state(tmp_path):
+    from langchain_core.messages import AIMessage, HumanMessage
+    from tiny_chat import tiny_engine
+
+    from deltamem_agents.chat import DeltaMemChat
+    from deltamem_agents.store import SqliteMemoryStore, StoreError
+
+    path = tmp_path / "store.db"
+    store = SqliteMemoryStore(path)
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=4, store=store)
+    config = {"configurable": {"thread_id": "full"}}
+    first = [HumanMessage("a", id="1"), AIMessage("b", id="2"), HumanMessage("c", id="3")]
+    chat.invoke(first, config)
+    before = store.load("full")
+    fill_the_disk(store.db.conn)
+    long_id = "m" * 20_000  # the row must grow (its written-id list), so the save needs pages it cannot get
+    more = first + [AIMessage("d", id=long_id), HumanMessage("e", id="5")]
+    with pytest.raises(StoreError, match="database or disk is full.*previous state is unchanged"):
+        chat.invoke(more, config)
+    assert store.load("full") == before
+    assert SqliteMemoryStore(path).load("full") == before  # and from a fresh connection
+    store.db.execute("pragma max_page_count = 1073741823")  # space again: the thread goes on
+    chat.invoke(more, config)
+    assert store.load("full").written == ("1", "2", "3", long_id)
+
+
+def test_full_disk_checkpointer_keeps_the_last_checkpoint_and_continues_identically(tmp_path):
+    """SqliteSaver on a full disk: LangGraph raises SQLite's own error ("database or disk is full"), the thread's
+    last committed checkpoint is still what get_state returns, and with space again the thread continues
+    exactly as a run that never saw the error."""
+    import sqlite3
+
+    from graph_worker import run_turns, user_turn
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from tiny_chat import tiny_engine
+
+    from deltamem_agents.chat import DeltaMemChat
+    from deltamem_agents.graph import build_chatbot
+
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    config = {"configurable": {"thread_id": "disk"}}
+    connection = sqlite3.connect(tmp_path / "cp.db", check_same_thread=False)
+    saver = SqliteSaver(connection)
+    graph = build_chatbot(chat, checkpointer=saver)
+    run_turns(graph, "disk", 1, 2)
+    before = graph.get_state(config)
+    fill_the_disk(connection)
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        graph.invoke({"messages": [user_turn("disk", 3)]}, config)
+    after = graph.get_state(config)
+    assert after.values == before.values and after.config == before.config
+    connection.execute("pragma max_page_count = 1073741823")
+    resumed = run_turns(graph, "disk", 3, 3)
+    never_failed = run_turns(build_chatbot(chat, checkpointer=InMemorySaver()), "disk", 1, 3)
+    assert resumed == never_failed

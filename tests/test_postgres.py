@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from graph_worker import run_turns
+from graph_worker import run_turns, user_turn
 from langgraph.checkpoint.memory import InMemorySaver
 from tiny_chat import tiny_engine
 
@@ -47,10 +47,9 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def alone():
-    """Memory after running each thread alone, in this process, on an in-memory checkpointer."""
+    """Memory after running turns 1..n of a thread alone, in this process, on a fresh in-memory checkpointer."""
     chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
-    graph = build_chatbot(chat, checkpointer=InMemorySaver())
-    return lambda thread, turns: run_turns(graph, thread, 1, turns)
+    return lambda thread, turns: run_turns(build_chatbot(chat, checkpointer=InMemorySaver()), thread, 1, turns)
 
 
 def test_two_workers_alternating_turns_give_single_process_memory(alone):
@@ -89,3 +88,90 @@ def test_hundred_threads_five_turns_four_workers_no_leakage(alone):
     assert sorted(final) == sorted(threads)
     for thread in threads:
         assert final[thread] == alone(thread, 5), thread
+
+
+async def test_async_saver_concurrent_threads_then_a_sync_worker_match_alone(alone):
+    """AsyncPostgresSaver: 12 threads' first two turns run concurrently in this event loop; a separate worker
+    process on the sync PostgresSaver continues them; the final bytes equal each thread run alone."""
+    import asyncio
+
+    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+    threads = [f"async-{uuid.uuid4().hex[:8]}-{i}" for i in range(12)]
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    async with AsyncPostgresSaver.from_conn_string(URL) as saver:
+        await saver.setup()
+        graph = build_chatbot(chat, checkpointer=saver)
+
+        async def two_turns(thread):
+            config = {"configurable": {"thread_id": thread}}
+            for turn in (1, 2):
+                state = await graph.ainvoke({"messages": [user_turn(thread, turn)]}, config)
+            return state["memory"]
+
+        halfway = await asyncio.gather(*(two_turns(t) for t in threads))
+    for thread, memory in zip(threads, halfway):
+        assert memory == alone(thread, 2), thread
+    worker = Worker()
+    try:
+        for thread in threads:
+            worker.send(thread, 3, 4)
+        final = dict(worker.receive() for _ in threads)
+    finally:
+        worker.close()
+    for thread in threads:
+        assert final[thread] == alone(thread, 4), thread
+
+
+def test_a_read_only_database_gives_a_clear_error_and_keeps_the_last_checkpoint(alone):
+    """A Postgres session in read-only mode (a replica, or the database switched read-only): the turn fails
+    with Postgres' own error, the thread's last committed checkpoint stays readable, and once writes work
+    again the thread continues exactly as if nothing had happened."""
+    import psycopg
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    thread = f"ro-{uuid.uuid4().hex[:8]}"
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    config = {"configurable": {"thread_id": thread}}
+    with PostgresSaver.from_conn_string(URL) as saver:
+        graph = build_chatbot(chat, checkpointer=saver)
+        run_turns(graph, thread, 1, 2)
+        before = graph.get_state(config)
+    read_only = URL + ("&" if "?" in URL else "?") + "options=-c%20default_transaction_read_only%3Don"
+    with PostgresSaver.from_conn_string(read_only) as saver:
+        graph = build_chatbot(chat, checkpointer=saver)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="read-only transaction"):
+            graph.invoke({"messages": [user_turn(thread, 3)]}, config)
+        still = graph.get_state(config)  # reads work on the read-only session
+    assert still.values == before.values and still.config == before.config
+    with PostgresSaver.from_conn_string(URL) as saver:
+        graph = build_chatbot(chat, checkpointer=saver)
+        assert run_turns(graph, thread, 3, 3) == alone(thread, 3)
+
+
+def test_delete_thread_removes_every_row_of_the_thread(alone):
+    import psycopg
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    gone, kept = f"forget-{uuid.uuid4().hex[:8]}", f"keep-{uuid.uuid4().hex[:8]}"
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    with PostgresSaver.from_conn_string(URL) as saver:
+        graph = build_chatbot(chat, checkpointer=saver)
+        for thread in (gone, kept):
+            run_turns(graph, thread, 1, 2)
+        saver.delete_thread(gone)
+    tables = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+    with psycopg.connect(URL) as connection:
+        count = {
+            (table, thread): connection.execute(
+                f"select count(*) from {table} where thread_id = %s", [thread]
+            ).fetchone()[0]
+            for table in tables
+            for thread in (gone, kept)
+        }
+        # the state bytes themselves are gone too: no blob of any thread holds the deleted memory
+        memory = alone(gone, 2)
+        blobs = connection.execute("select count(*) from checkpoint_blobs where position(%s in blob) > 0", [memory])
+        assert blobs.fetchone()[0] == 0
+    assert all(count[(table, gone)] == 0 for table in tables), count
+    assert count[("checkpoints", kept)] > 0 and count[("checkpoint_blobs", kept)] > 0
