@@ -11,8 +11,8 @@ memory with writes off. Where the memory lives:
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ from pydantic import ConfigDict, Field
 from deltamem_agents.engine import GenerationDone, GenerationSettings, MemoryEngine
 from deltamem_agents.state import MemoryState
 from deltamem_agents.store import InMemoryStore, ThreadMemory
+from deltamem_agents.thread_locks import ThreadLocks
 from deltamem_agents.tool_grammar import (
     allowed_actions,
     compile_envelope,
@@ -43,6 +44,7 @@ from deltamem_agents.turn import WindowPolicy, plan_turn
 
 log = logging.getLogger(__name__)
 TURN_KWARG = "deltamem_turn"
+THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread id)
 THREAD_KWARG = "deltamem_thread_id"
 
 
@@ -131,8 +133,7 @@ class DeltaMemChat(BaseChatModel):
         """Remove a standalone thread's memory (state bytes and written ids) from :attr:`store`; the next call
         with this thread id starts from an empty memory. Inside a LangGraph graph the memory lives in the
         checkpoints: use the checkpointer's ``delete_thread(thread_id)`` there."""
-        lock = _thread_lock(self.store, thread_id)
-        with lock:  # not in the middle of a turn of the same thread
+        with THREAD_LOCKS.hold((id(self.store), str(thread_id))):  # not in the middle of a turn of the thread
             self.store.delete(str(thread_id))
 
     def get_num_tokens(self, text: str) -> int:
@@ -152,10 +153,8 @@ class DeltaMemChat(BaseChatModel):
         """Resolve the memory, run the write pass, persist it, and build the read-pass prompt and grammar."""
         io: TurnIO | None = kwargs.get(TURN_KWARG)
         thread_id = None if io is not None else kwargs.get(THREAD_KWARG)
-        lock = _thread_lock(self.store, thread_id) if thread_id is not None else None
-        if lock is not None:
-            lock.acquire()
-        try:
+        lock = THREAD_LOCKS.hold((id(self.store), str(thread_id))) if thread_id is not None else nullcontext()
+        with lock:  # two concurrent turns of the same standalone thread must not both write its memory
             if io is not None:
                 memory, written, step = io.memory, tuple(io.written), 0
             elif thread_id is not None:
@@ -174,9 +173,6 @@ class DeltaMemChat(BaseChatModel):
                 io.notes, io.tokens_written = plan.notes, tokens_written
             elif thread_id is not None:
                 self.store.save(str(thread_id), ThreadMemory(data, plan.written_ids, step + 1), fingerprint)
-        finally:
-            if lock is not None:
-                lock.release()
         prompt_ids = self.engine.render_prompt(plan.prompt)
         return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes), io
 
@@ -346,13 +342,3 @@ def _json(value) -> str:
     import json
 
     return json.dumps(value)
-
-
-_THREAD_LOCKS: dict[tuple[int, str], threading.Lock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
-
-
-def _thread_lock(store, thread_id) -> threading.Lock:
-    """One lock per (store, thread): two concurrent turns of the same thread must not both write its memory."""
-    with _THREAD_LOCKS_GUARD:
-        return _THREAD_LOCKS.setdefault((id(store), str(thread_id)), threading.Lock())

@@ -4,11 +4,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from tests_tokenizer import chatml_tokenizer
 
 from deltamem_agents import DeltaMemError, MemoryState
 from deltamem_agents.templating import render_chat
 from deltamem_agents.turn import WindowPolicy, plan_turn
 
+TOKENIZER = chatml_tokenizer()
 VALID = MemoryState(torch.randn(2, 1, 1, 4, 4), "abc", (0, 1)).to_bytes()
 
 
@@ -46,7 +48,7 @@ message = st.one_of(
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(st.lists(message, max_size=12), st.integers(1, 6), st.integers(16, 300))
 def test_turn_planning_gives_a_bounded_prompt_or_our_error(messages, window, cap):
     try:
@@ -57,14 +59,12 @@ def test_turn_planning_gives_a_bounded_prompt_or_our_error(messages, window, cap
     assert len([m for m in plan.prompt if m["role"] != "system"]) <= max(window, 1) + len(messages)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["user", "assistant", "tool", "system"]), st.text(max_size=40)), max_size=6))
 def test_rendering_arbitrary_text_assigns_every_token(pairs):
-    from tests_tokenizer import chatml_tokenizer
-
     messages = [{"role": role, "content": text} for role, text in pairs]
     try:
-        rendered = render_chat(chatml_tokenizer(), messages, add_generation_prompt=True)
+        rendered = render_chat(TOKENIZER, messages, add_generation_prompt=True)
     except DeltaMemError:
         assert not messages
         return
