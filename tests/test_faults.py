@@ -143,9 +143,20 @@ def test_full_disk_store_gives_a_clear_error_and_keeps_the_state(tmp_path):
     assert store.load("full").written == ("1", "2", "3", long_id)
 
 
-def test_full_disk_checkpointer_keeps_the_last_checkpoint_and_continues_identically(tmp_path):
-    """SqliteSaver on a full disk: LangGraph raises SQLite's own error ("database or disk is full"), the thread's
-    last committed checkpoint is still what get_state returns, and with space again the thread continues
+FAILURES = {  # how to break the database, SQLite's own message, how to mend it
+    "full-disk": (fill_the_disk, "database or disk is full", "pragma max_page_count = 1073741823"),
+    "read-only": (
+        lambda c: c.execute("pragma query_only = on"),
+        "attempt to write a readonly database",
+        "pragma query_only = off",
+    ),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_failing_checkpointer_keeps_the_last_checkpoint_and_continues_identically(tmp_path, failure):
+    """SqliteSaver on a full disk or a read-only database: LangGraph raises SQLite's own error, the thread's
+    last committed checkpoint is still what get_state returns, and once writes work again the thread continues
     exactly as a run that never saw the error."""
     import sqlite3
 
@@ -164,12 +175,13 @@ def test_full_disk_checkpointer_keeps_the_last_checkpoint_and_continues_identica
     graph = build_chatbot(chat, checkpointer=saver)
     run_turns(graph, "disk", 1, 2)
     before = graph.get_state(config)
-    fill_the_disk(connection)
-    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+    break_it, message, mend = FAILURES[failure]
+    break_it(connection)
+    with pytest.raises(sqlite3.OperationalError, match=message):
         graph.invoke({"messages": [user_turn("disk", 3)]}, config)
     after = graph.get_state(config)
     assert after.values == before.values and after.config == before.config
-    connection.execute("pragma max_page_count = 1073741823")
+    connection.execute(mend)
     resumed = run_turns(graph, "disk", 3, 3)
     never_failed = run_turns(build_chatbot(chat, checkpointer=InMemorySaver()), "disk", 1, 3)
     assert resumed == never_failed
