@@ -1,6 +1,8 @@
 """The ``deltamem`` command."""
 
 import argparse
+import os
+import shlex
 import sys
 
 
@@ -26,6 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=1, help="torch threads (pin the process with taskset)")
     bench.add_argument("--turns", type=int, default=None, help="turns of the scripted conversation (50; quick 6)")
     bench.add_argument("--replay-every", type=int, default=None, help="time stateless replay every n-th turn")
+    load = commands.add_parser(
+        "bench-load", help="bounded load run: worker processes x concurrent threads x turns over one Postgres"
+    )
+    load.add_argument(
+        "--url",
+        default=os.environ.get("DELTAMEM_POSTGRES_URL"),
+        help="Postgres URL of the shared checkpoint database (default: $DELTAMEM_POSTGRES_URL)",
+    )
+    load.add_argument("--workers", default="4", help="worker processes; a comma-separated list runs each (1,2,4)")
+    load.add_argument("--threads", type=int, default=100, help="conversation threads, all in flight at once")
+    load.add_argument("--turns", type=int, default=5, help="user turns per thread")
+    load.add_argument("--max-seconds", type=float, default=600, help="per run: no turn starts after this")
+    load.add_argument("--model", default="tiny", help="'tiny' (random, fast) or a backbone, e.g. smollm2-135m-instruct")
+    load.add_argument("--max-new-tokens", type=int, default=16, help="reply length limit per turn")
+    load.add_argument("--out", default="docs/benchmarks", help="folder for the results JSON and markdown")
+    load.add_argument("--name", help="file name stem (default: load, or load-MODEL for other models)")
+    load.add_argument("--keep-threads", action="store_true", help="keep the run's threads in the database")
     from deltamem_agents.train.cli import add_train_parser
 
     add_train_parser(commands)
@@ -77,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "bench-load":
+        return _bench_load(args, argv)
     if args.command == "train":
         from deltamem_agents.train.cli import run_train
 
@@ -86,6 +107,43 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_eval(args)
     return 1
+
+
+def _bench_load(args, argv: list[str] | None) -> int:
+    from deltamem_agents.errors import DeltaMemError
+
+    if not args.url:
+        print(
+            "error: no Postgres URL: pass --url or set DELTAMEM_POSTGRES_URL "
+            "(`bash scripts/start-postgres.sh` starts a local server and prints its URL)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        print(f"error: --workers takes a number or a list like 1,2,4, got {args.workers!r}", file=sys.stderr)
+        return 2
+    from deltamem_agents.bench.load import run_load
+
+    try:
+        run_load(
+            args.url,
+            workers=workers,
+            threads=args.threads,
+            turns=args.turns,
+            max_seconds=args.max_seconds,
+            model=args.model,
+            out_dir=args.out,
+            cleanup=not args.keep_threads,
+            max_new_tokens=args.max_new_tokens,
+            name=args.name,
+            command="deltamem " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        )
+    except DeltaMemError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

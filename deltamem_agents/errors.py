@@ -28,3 +28,8 @@ class BackboneError(DeltaMemError, RuntimeError):
 
 class MessageError(DeltaMemError, ValueError):
     """Messages that cannot be used for a turn (empty list, unknown role, no user message)."""
+
+
+class LoadRunError(DeltaMemError, RuntimeError):
+    """A load run (``deltamem bench-load``) could not start or finish: the database is unreachable, the
+    arguments are invalid, or a worker failed to load its backbone."""

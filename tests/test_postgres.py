@@ -45,6 +45,18 @@ class Worker:
         self.process.wait(timeout=60)
 
 
+@pytest.fixture
+def forget_afterwards():
+    """Threads appended to the returned list are deleted from the shared database when the test ends."""
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    threads: list[str] = []
+    yield threads
+    with PostgresSaver.from_conn_string(URL) as saver:
+        for thread in threads:
+            saver.delete_thread(thread)
+
+
 @pytest.fixture(scope="module")
 def alone():
     """Memory after running turns 1..n of a thread alone, in this process, on a fresh in-memory checkpointer."""
@@ -52,8 +64,9 @@ def alone():
     return lambda thread, turns: run_turns(build_chatbot(chat, checkpointer=InMemorySaver()), thread, 1, turns)
 
 
-def test_two_workers_alternating_turns_give_single_process_memory(alone):
+def test_two_workers_alternating_turns_give_single_process_memory(alone, forget_afterwards):
     threads = [f"alt-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
+    forget_afterwards.extend(threads)
     workers = [Worker(), Worker()]
     try:
         final = {}
@@ -70,9 +83,10 @@ def test_two_workers_alternating_turns_give_single_process_memory(alone):
         assert final[thread] == alone(thread, 4)
 
 
-def test_hundred_threads_five_turns_four_workers_no_leakage(alone):
+def test_hundred_threads_five_turns_four_workers_no_leakage(alone, forget_afterwards):
     run = uuid.uuid4().hex[:8]
     threads = [f"load-{run}-{i}" for i in range(100)]
+    forget_afterwards.extend(threads)
     workers = [Worker() for _ in range(4)]
     final = {}
     try:
@@ -90,7 +104,7 @@ def test_hundred_threads_five_turns_four_workers_no_leakage(alone):
         assert final[thread] == alone(thread, 5), thread
 
 
-async def test_async_saver_concurrent_threads_then_a_sync_worker_match_alone(alone):
+async def test_async_saver_concurrent_threads_then_a_sync_worker_match_alone(alone, forget_afterwards):
     """AsyncPostgresSaver: 12 threads' first two turns run concurrently in this event loop; a separate worker
     process on the sync PostgresSaver continues them; the final bytes equal each thread run alone."""
     import asyncio
@@ -98,6 +112,7 @@ async def test_async_saver_concurrent_threads_then_a_sync_worker_match_alone(alo
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
     threads = [f"async-{uuid.uuid4().hex[:8]}-{i}" for i in range(12)]
+    forget_afterwards.extend(threads)
     chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
     async with AsyncPostgresSaver.from_conn_string(URL) as saver:
         await saver.setup()
@@ -123,7 +138,7 @@ async def test_async_saver_concurrent_threads_then_a_sync_worker_match_alone(alo
         assert final[thread] == alone(thread, 4), thread
 
 
-def test_a_read_only_database_gives_a_clear_error_and_keeps_the_last_checkpoint(alone):
+def test_a_read_only_database_gives_a_clear_error_and_keeps_the_last_checkpoint(alone, forget_afterwards):
     """A Postgres session in read-only mode (a replica, or the database switched read-only): the turn fails
     with Postgres' own error, the thread's last committed checkpoint stays readable, and once writes work
     again the thread continues exactly as if nothing had happened."""
@@ -131,6 +146,7 @@ def test_a_read_only_database_gives_a_clear_error_and_keeps_the_last_checkpoint(
     from langgraph.checkpoint.postgres import PostgresSaver
 
     thread = f"ro-{uuid.uuid4().hex[:8]}"
+    forget_afterwards.append(thread)
     chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
     config = {"configurable": {"thread_id": thread}}
     with PostgresSaver.from_conn_string(URL) as saver:
@@ -149,11 +165,12 @@ def test_a_read_only_database_gives_a_clear_error_and_keeps_the_last_checkpoint(
         assert run_turns(graph, thread, 3, 3) == alone(thread, 3)
 
 
-def test_delete_thread_removes_every_row_of_the_thread(alone):
+def test_delete_thread_removes_every_row_of_the_thread(alone, forget_afterwards):
     import psycopg
     from langgraph.checkpoint.postgres import PostgresSaver
 
     gone, kept = f"forget-{uuid.uuid4().hex[:8]}", f"keep-{uuid.uuid4().hex[:8]}"
+    forget_afterwards.append(kept)
     chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
     with PostgresSaver.from_conn_string(URL) as saver:
         graph = build_chatbot(chat, checkpointer=saver)

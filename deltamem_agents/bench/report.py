@@ -242,3 +242,67 @@ def write_results(results: dict, folder: Path) -> list[Path]:
     md_path = folder / f"results{suffix}.md"
     md_path.write_text(to_markdown(results) + "\n", encoding="utf-8")
     return [json_path, md_path, *plot(results, folder, suffix)]
+
+
+LOAD_COLUMNS = [
+    ("workers", "workers"),
+    ("turns_run", "turns run"),
+    ("not_run", "not run"),
+    ("errors", "errors"),
+    ("wall_s", "wall s"),
+    ("throughput_turns_s", "turns/s"),
+    ("x_vs_1_worker", "× 1 worker"),
+    ("p50_ms", "p50 ms"),
+    ("p90_ms", "p90 ms"),
+    ("p99_ms", "p99 ms"),
+    ("max_ms", "max ms"),
+    ("cpu_ms_per_turn", "CPU ms / turn"),
+    ("forward_ms_per_turn", "of it forward ms"),
+    ("worker_cores", "cores: workers"),
+    ("postgres_cores", "cores: Postgres"),
+    ("cpu_busy_cores", "cores busy (all)"),
+]
+
+
+def load_table(results: dict) -> str:
+    """The load run's rows (one per worker count) as a markdown table."""
+    return table(results["runs"], LOAD_COLUMNS, results["machine"])
+
+
+def load_markdown(results: dict) -> str:
+    """A load run as markdown: what ran, where, the table, and any error messages."""
+    machine = results["machine"]
+    lines = [
+        f"# Load run: {results['threads']} threads × {results['turns']} turns, model {results['model']}, Postgres",
+        "",
+        f"Command: `{results['command']}` (commit {results.get('commit') or 'unknown'})  ",
+        f"Machine: {machine_label(machine)}; CPU affinity {machine['cpu_affinity']}, one torch thread per worker "
+        f"process; PostgreSQL {machine.get('postgres', '?')} on {results['database']}.  ",
+        f"Replies up to {results['max_new_tokens']} new tokens; no turn starts after {results['max_seconds']:g} s "
+        f"per run; the run's threads {'were deleted afterwards' if results['cleanup'] else 'were kept'}.",
+        "",
+        "Latency: wall clock of one `graph.ainvoke` (read checkpoint, write pass, decode, write checkpoint), "
+        "waiting behind the worker's other in-flight turns included. Throughput: completed turns / wall time from "
+        "the common start to the last turn's end. Cores: CPU time / wall time over the same interval, of the worker "
+        "processes, of the Postgres server, and machine-wide (all processes, ours and anyone else's). "
+        "CPU ms / turn: the workers' CPU time per completed turn, and the part of it inside the backbone's forward "
+        "calls.",
+        "",
+        load_table(results),
+        "",
+    ]
+    for row in results["runs"]:
+        if row["error_messages"]:
+            lines += [f"Errors with {row['workers']} worker(s) (first {len(row['error_messages'])}):", ""]
+            lines += [f"- `{message}`" for message in row["error_messages"]] + [""]
+    return "\n".join(lines)
+
+
+def write_load_results(results: dict, folder: Path, name: str = "load") -> list[Path]:
+    """Write ``{name}.json`` and ``{name}.md`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / f"{name}.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    md_path = folder / f"{name}.md"
+    md_path.write_text(load_markdown(results) + "\n", encoding="utf-8")
+    return [json_path, md_path]

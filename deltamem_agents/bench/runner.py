@@ -59,7 +59,7 @@ def run_bench(
         "quick": quick,
         "machine": machine,
         "backbone": getattr(getattr(model, "config", None), "_name_or_path", None) or backbone,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "sections": {},
     }
     print(f"machine: {machine}", flush=True)
@@ -97,7 +97,7 @@ def run_bench(
     return results
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The checked-out commit of the package's repository, when it is a git checkout."""
     try:
         done = subprocess.run(

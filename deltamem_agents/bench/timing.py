@@ -1,4 +1,5 @@
-"""Timing helpers: a synchronising clock, alternating sides round by round, medians, and peak memory."""
+"""Timing helpers: a synchronising clock, alternating sides round by round, medians and percentiles, and peak
+memory."""
 
 import resource
 import statistics
@@ -61,6 +62,18 @@ def alternate(sides: dict[str, Callable[[], float]], rounds: int, warmup: int = 
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``values``, interpolating linearly between the two nearest ranks
+    (``percentile(v, 50) == median(v)``); nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * min(max(q, 0.0), 100.0) / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
