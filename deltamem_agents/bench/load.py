@@ -2,10 +2,11 @@
 flight at once, over ONE shared Postgres checkpoint database, through
 ``build_chatbot(DeltaMemChat(...), checkpointer=AsyncPostgresSaver)``.
 
-Layout, as in a deployment (docs/deployment.md): each worker is a process of its own ("spawn": a fresh
-interpreter, no forked torch or connection state) with one torch thread, its own backbone and its own database
-connection. Thread ``i`` of the run goes to worker ``i % W``. A thread's turns run one after the other (turn 2
-starts when turn 1's checkpoint is written); all of a worker's threads run concurrently.
+Layout, as in a deployment (docs/deployment.md): each worker is a process of its own (``python -m
+deltamem_agents.bench.load --worker``: a fresh interpreter, no forked torch or connection state) with one torch
+thread, its own backbone and its own database connection. Thread ``i`` of the run goes to worker ``i % W``. A
+thread's turns run one after the other (turn 2 starts when turn 1's checkpoint is written); all of a worker's threads
+run concurrently.
 
 Why asyncio inside a worker (``AsyncPostgresSaver`` + ``graph.ainvoke``) and not a thread pool over the sync
 ``PostgresSaver``:
@@ -37,21 +38,22 @@ What is measured:
 Bounded: no turn starts after ``max_seconds`` (those are reported as "not run"); a worker that has not reported
 ``max_seconds + GRACE_S`` after the start is terminated and its turns are counted as errors.
 
-Between processes only JSON crosses (``Connection.send_bytes`` / ``recv_bytes``): the worker's spec, the start
-signal and its results, no pickled objects.
+Between processes only JSON lines cross, over two pipes (:class:`JsonChannel`): the worker's spec, the start
+signal and its results. No pickling: not even ``multiprocessing``'s, which pickles the process object for the
+child.
 """
 
 import asyncio
 import json
-import multiprocessing
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import torch
@@ -108,12 +110,50 @@ def _one_line(err: BaseException) -> str:
 # ---- worker process -----------------------------------------------------------------------------------------
 
 
-def _send(conn: Connection, message: dict) -> None:
-    conn.send_bytes(json.dumps(message).encode("utf-8"))
+class JsonChannel:
+    """JSON messages, one per line, in over one pipe file descriptor and out over another."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self._read_fd, self._write_fd = read_fd, write_fd
+        self._buffer = b""
+
+    def fileno(self) -> int:
+        """The reading end, for ``multiprocessing.connection.wait``."""
+        return self._read_fd
+
+    def send(self, message: dict) -> None:
+        data = (json.dumps(message) + "\n").encode("utf-8")
+        while data:
+            data = data[os.write(self._write_fd, data) :]
+
+    def has_message(self) -> bool:
+        """A whole message is already buffered (``wait`` on the descriptor would not see it)."""
+        return b"\n" in self._buffer
+
+    def recv(self) -> dict:
+        """The next message; EOFError when the other end closed its side first."""
+        while b"\n" not in self._buffer:
+            chunk = os.read(self._read_fd, 1 << 16)
+            if not chunk:
+                raise EOFError("the other process closed the channel")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
-def _recv(conn: Connection) -> dict:
-    return json.loads(conn.recv_bytes().decode("utf-8"))
+def _send(conn: JsonChannel, message: dict) -> None:
+    conn.send(message)
+
+
+def _recv(conn: JsonChannel) -> dict:
+    return conn.recv()
 
 
 @dataclass
@@ -170,7 +210,7 @@ class _ForwardClock:
         self.seconds += time.thread_time() - self._started
 
 
-async def _serve(conn: Connection, spec: dict, chat, load_s: float) -> None:
+async def _serve(conn: JsonChannel, spec: dict, chat, load_s: float) -> None:
     from langchain_core.messages import HumanMessage
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
@@ -209,15 +249,16 @@ async def _serve(conn: Connection, spec: dict, chat, load_s: float) -> None:
         _send(conn, {"result": result})
 
 
-def _worker_main(conn: Connection, spec_json: str) -> None:
-    """Entry point of a worker process: load the model, connect, report ready, wait for the start, serve its
-    threads, delete them, report the results. Every failure is reported to the parent as ``{"error": ...}``."""
+def _worker_main(conn: JsonChannel) -> None:
+    """Entry point of a worker process: read its spec, load the model, connect, report ready, wait for the start,
+    serve its threads, delete them, report the results. Every failure is reported to the parent as
+    ``{"error": ...}``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar per worker
-    spec = json.loads(spec_json)
+    spec = _recv(conn)
     name = f"worker {spec['index']}"
     try:
         started = time.perf_counter()
@@ -268,18 +309,43 @@ def check_database(url: str) -> str:
     return str(version)
 
 
-def _receive(conn: Connection, process, timeout: float) -> dict | None:
+@dataclass
+class _Worker:
+    name: str
+    process: subprocess.Popen
+    conn: JsonChannel
+    spec: dict
+
+
+def _start_worker(spec: dict) -> _Worker:
+    """Start ``python -m deltamem_agents.bench.load --worker`` with two pipes to it and send it ``spec``."""
+    to_child_read, to_child_write = os.pipe()
+    from_child_read, from_child_write = os.pipe()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "deltamem_agents.bench.load", "--worker", str(to_child_read)]
+    process = subprocess.Popen(
+        [*command, str(from_child_write)], pass_fds=(to_child_read, from_child_write), env=env, stdin=subprocess.DEVNULL
+    )
+    os.close(to_child_read)  # the child's ends: only the child holds them now, so its death is our EOF
+    os.close(from_child_write)
+    worker = _Worker(f"worker {spec['index']}", process, JsonChannel(from_child_read, to_child_write), spec)
+    _send(worker.conn, spec)
+    return worker
+
+
+def _receive(worker: _Worker, timeout: float) -> dict | None:
     """The worker's next message; ``{"error": ...}`` if it died without one; None after ``timeout`` seconds."""
-    ready = wait([conn, process.sentinel], timeout=max(timeout, 0.0))
-    if conn in ready or conn.poll():
-        try:
-            return _recv(conn)
-        except (EOFError, OSError):
-            pass
-    elif not ready:
+    if not worker.conn.has_message() and not wait([worker.conn], timeout=max(timeout, 0.0)):
         return None
-    process.join(timeout=5)
-    return {"error": f"{process.name} exited (code {process.exitcode}) without reporting"}
+    try:
+        return _recv(worker.conn)
+    except (EOFError, OSError, ValueError):
+        pass
+    try:
+        code = worker.process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        code = "none yet"
+    return {"error": f"{worker.name} exited (code {code}) without reporting"}
 
 
 def run_once(
@@ -298,8 +364,7 @@ def run_once(
     ``{run_id}-w{workers}-{i}``. Raises :class:`LoadRunError` when a worker cannot load or connect."""
     run_id = run_id or f"load-{uuid.uuid4().hex[:8]}"
     names = [f"{run_id}-w{workers}-{i:04d}" for i in range(threads)]
-    context = multiprocessing.get_context("spawn")
-    procs = []
+    procs: list[_Worker] = []
     try:
         for index in range(workers):
             spec = {
@@ -311,48 +376,52 @@ def run_once(
                 "max_new_tokens": max_new_tokens,
                 "cleanup": cleanup,
             }
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=_worker_main, args=(child_end, json.dumps(spec)), name=f"worker {index}", daemon=True
-            )
-            process.start()
-            child_end.close()
-            procs.append((process, parent_end, spec))
+            procs.append(_start_worker(spec))
         load_s, load_until = [], time.monotonic() + LOAD_TIMEOUT_S
-        for process, conn, _ in procs:
-            message = _receive(conn, process, load_until - time.monotonic())
+        for worker in procs:
+            message = _receive(worker, load_until - time.monotonic())
             if message is None:
-                raise LoadRunError(f"{process.name} did not load model {model!r} within {LOAD_TIMEOUT_S:.0f} s")
+                raise LoadRunError(f"{worker.name} did not load model {model!r} within {LOAD_TIMEOUT_S:.0f} s")
             if "error" in message:
                 raise LoadRunError(message["error"])
             load_s.append(message["load_s"])
         with CpuSampler() as cpu:
             start = time.time()
-            for _, conn, _ in procs:
-                _send(conn, {"deadline": start + max_seconds})
+            for worker in procs:
+                _send(worker.conn, {"deadline": start + max_seconds})
             results, lost = [], []
             report_until = time.monotonic() + max_seconds + GRACE_S
-            for process, conn, spec in procs:
-                message = _receive(conn, process, report_until - time.monotonic())
+            for worker in procs:
+                message = _receive(worker, report_until - time.monotonic())
                 if message is not None and "result" in message:
                     results.append(message["result"])
                     continue
-                why = message["error"] if message else f"{process.name} did not report in max_seconds + {GRACE_S:.0f} s"
-                lost.append((why, len(spec["threads"]) * turns))
-                process.terminate()
+                why = message["error"] if message else f"{worker.name} did not report in max_seconds + {GRACE_S:.0f} s"
+                lost.append((why, len(worker.spec["threads"]) * turns))
+                worker.process.terminate()
     finally:
-        for process, conn, _ in procs:
-            if process.is_alive():
+        for worker in procs:
+            if worker.process.poll() is None:
                 try:
-                    _send(conn, {"abort": True})
+                    _send(worker.conn, {"abort": True})
                 except OSError:
                     pass
-            process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-            conn.close()
+            _stop(worker.process)
+            worker.conn.close()
     return _row(workers, threads, turns, start, load_s, results, lost, cpu)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Wait for a worker to end by itself, then terminate it."""
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _row(
@@ -483,4 +552,8 @@ def _prepare_model(model: str) -> float:
     return time.perf_counter() - started
 
 
-__all__ = ["GRACE_S", "TINY", "build_chat", "check_database", "redact_url", "run_load", "run_once", "user_text"]
+__all__ = ["GRACE_S", "TINY", "JsonChannel", "build_chat", "check_database", "redact_url", "run_load", "run_once"]
+__all__ += ["user_text"]
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker_main(JsonChannel(int(sys.argv[2]), int(sys.argv[3])))
