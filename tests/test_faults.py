@@ -69,6 +69,10 @@ def test_postgres_turn_killed_midway_resumes_identically(tmp_path, fault_at):
         run("graph-run", POSTGRES, thread, str(turn))
     kill_midway(["graph-run", POSTGRES, thread, "3"], tmp_path / "marker", fault_at)
     resumed = run("graph-resume", POSTGRES, thread, "3")
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    with PostgresSaver.from_conn_string(POSTGRES) as saver:
+        saver.delete_thread(thread)  # leave the shared database as we found it
     assert resumed == expected
 
 
