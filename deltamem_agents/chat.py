@@ -133,8 +133,12 @@ class DeltaMemChat(BaseChatModel):
         """Remove a standalone thread's memory (state bytes and written ids) from :attr:`store`; the next call
         with this thread id starts from an empty memory. Inside a LangGraph graph the memory lives in the
         checkpoints: use the checkpointer's ``delete_thread(thread_id)`` there."""
-        with THREAD_LOCKS.hold((id(self.store), str(thread_id))):  # not in the middle of a turn of the thread
+        with self._hold_thread(thread_id):  # not in the middle of a turn of the thread
             self.store.delete(str(thread_id))
+
+    def _hold_thread(self, thread_id):
+        """Hold the lock of one standalone thread of this chat model's store."""
+        return THREAD_LOCKS.hold((id(self.store), str(thread_id)))
 
     def get_num_tokens(self, text: str) -> int:
         """Token count from the backbone's real tokenizer."""
@@ -153,7 +157,7 @@ class DeltaMemChat(BaseChatModel):
         """Resolve the memory, run the write pass, persist it, and build the read-pass prompt and grammar."""
         io: TurnIO | None = kwargs.get(TURN_KWARG)
         thread_id = None if io is not None else kwargs.get(THREAD_KWARG)
-        lock = THREAD_LOCKS.hold((id(self.store), str(thread_id))) if thread_id is not None else nullcontext()
+        lock = self._hold_thread(thread_id) if thread_id is not None else nullcontext()
         with lock:  # two concurrent turns of the same standalone thread must not both write its memory
             if io is not None:
                 memory, written, step = io.memory, tuple(io.written), 0

@@ -28,22 +28,13 @@ def graph_with_turns(chat, thread="g"):
 def other_backbone_engine():
     """A qwen2 backbone (instead of the tiny llama) with the same tokenizer, memory shapes and layer count."""
     from tiny_chat import tiny_tokenizer
+    from tiny_models import COMMON
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from deltamem_agents.engine import MemoryEngine
 
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tiny_tokenizer()),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = Qwen2Config(**{**COMMON, "vocab_size": len(tiny_tokenizer()), "max_position_embeddings": 1024})
     return MemoryEngine(AutoModelForCausalLM.from_config(config).eval(), tiny_tokenizer())
 
 

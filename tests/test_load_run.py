@@ -62,14 +62,9 @@ def test_small_load_run_completes_reports_and_deletes_its_threads(tmp_path, caps
     assert "| workers |" in capsys.readouterr().out  # the table is printed too
     pattern = results["run_id"] + "-%"
     with psycopg.connect(URL) as conn:
-        assert conn.execute("SELECT count(*) FROM checkpoints WHERE thread_id LIKE %s", (pattern,)).fetchone()[0] == 0
-        assert (
-            conn.execute("SELECT count(*) FROM checkpoint_writes WHERE thread_id LIKE %s", (pattern,)).fetchone()[0]
-            == 0
-        )
-        assert (
-            conn.execute("SELECT count(*) FROM checkpoint_blobs WHERE thread_id LIKE %s", (pattern,)).fetchone()[0] == 0
-        )
+        for table in ("checkpoints", "checkpoint_writes", "checkpoint_blobs"):
+            count = conn.execute(f"SELECT count(*) FROM {table} WHERE thread_id LIKE %s", (pattern,)).fetchone()[0]
+            assert count == 0, table
 
 
 @needs_postgres

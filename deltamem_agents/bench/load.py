@@ -148,14 +148,6 @@ class JsonChannel:
                 pass
 
 
-def _send(conn: JsonChannel, message: dict) -> None:
-    conn.send(message)
-
-
-def _recv(conn: JsonChannel) -> dict:
-    return conn.recv()
-
-
 @dataclass
 class _Tally:
     """What one worker saw: latencies of completed turns, errors, turns not started, when its last turn ended."""
@@ -219,8 +211,8 @@ async def _serve(conn: JsonChannel, spec: dict, chat, load_s: float) -> None:
     async with AsyncPostgresSaver.from_conn_string(spec["url"]) as saver:
         graph = build_chatbot(chat, checkpointer=saver)
         await chat.ainvoke([HumanMessage("warm up")])  # first-call costs off the clock; no thread, no checkpoint
-        _send(conn, {"ready": True, "load_s": load_s})
-        go = await asyncio.to_thread(_recv, conn)
+        conn.send({"ready": True, "load_s": load_s})
+        go = await asyncio.to_thread(conn.recv)
         if "deadline" not in go:
             return  # the run was called off (another worker failed to load)
         tally, forward = _Tally(), _ForwardClock(chat.engine.model)
@@ -246,7 +238,7 @@ async def _serve(conn: JsonChannel, spec: dict, chat, load_s: float) -> None:
             "threads_deleted": deleted,
             "cleanup_error": cleanup_error,
         }
-        _send(conn, {"result": result})
+        conn.send({"result": result})
 
 
 def _worker_main(conn: JsonChannel) -> None:
@@ -258,21 +250,21 @@ def _worker_main(conn: JsonChannel) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar per worker
-    spec = _recv(conn)
+    spec = conn.recv()
     name = f"worker {spec['index']}"
     try:
         started = time.perf_counter()
         chat = build_chat(spec["model"], spec["max_new_tokens"])
         load_s = time.perf_counter() - started
     except Exception as err:
-        _send(conn, {"error": f"{name} could not load model {spec['model']!r}: {type(err).__name__}: {_one_line(err)}"})
+        conn.send({"error": f"{name} could not load model {spec['model']!r}: {type(err).__name__}: {_one_line(err)}"})
         conn.close()
         return
     try:
         asyncio.run(_serve(conn, spec, chat, load_s))
     except Exception as err:
         try:
-            _send(conn, {"error": f"{name} failed: {type(err).__name__}: {_one_line(err)}"})
+            conn.send({"error": f"{name} failed: {type(err).__name__}: {_one_line(err)}"})
         except OSError:
             pass  # the parent is gone
     finally:
@@ -329,7 +321,7 @@ def _start_worker(spec: dict) -> _Worker:
     os.close(to_child_read)  # the child's ends: only the child holds them now, so its death is our EOF
     os.close(from_child_write)
     worker = _Worker(f"worker {spec['index']}", process, JsonChannel(from_child_read, to_child_write), spec)
-    _send(worker.conn, spec)
+    worker.conn.send(spec)
     return worker
 
 
@@ -338,7 +330,7 @@ def _receive(worker: _Worker, timeout: float) -> dict | None:
     if not worker.conn.has_message() and not wait([worker.conn], timeout=max(timeout, 0.0)):
         return None
     try:
-        return _recv(worker.conn)
+        return worker.conn.recv()
     except (EOFError, OSError, ValueError):
         pass
     try:
@@ -388,7 +380,7 @@ def run_once(
         with CpuSampler() as cpu:
             start = time.time()
             for worker in procs:
-                _send(worker.conn, {"deadline": start + max_seconds})
+                worker.conn.send({"deadline": start + max_seconds})
             results, lost = [], []
             report_until = time.monotonic() + max_seconds + GRACE_S
             for worker in procs:
@@ -403,7 +395,7 @@ def run_once(
         for worker in procs:
             if worker.process.poll() is None:
                 try:
-                    _send(worker.conn, {"abort": True})
+                    worker.conn.send({"abort": True})
                 except OSError:
                     pass
             _stop(worker.process)

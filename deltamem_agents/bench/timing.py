@@ -67,13 +67,9 @@ def median(values: list[float]) -> float:
 def percentile(values: list[float], q: float) -> float:
     """The ``q``-th percentile (0..100) of ``values``, interpolating linearly between the two nearest ranks
     (``percentile(v, 50) == median(v)``); nan for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * min(max(q, 0.0), 100.0) / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+    import numpy
+
+    return float(numpy.percentile(values, min(max(q, 0.0), 100.0))) if values else float("nan")
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
