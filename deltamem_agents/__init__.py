@@ -1,9 +1,9 @@
 """deltamem-agents: δ-mem online memory for local transformers models, for long-running agents."""
 
-from deltamem_agents.attach import attach_memory, detach_memory, has_memory, memory_parameters
-from deltamem_agents.cache import DeltaMemCache, memory_state_of
-from deltamem_agents.config import DeltaMemConfig
-from deltamem_agents.errors import (
+from deltamem_agents.core.attach import attach_memory, detach_memory, has_memory, memory_parameters
+from deltamem_agents.core.cache import DeltaMemCache, memory_state_of
+from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.core.errors import (
     AdapterError,
     BackboneError,
     ConfigError,
@@ -11,7 +11,7 @@ from deltamem_agents.errors import (
     MemoryStateError,
     UnsupportedModelError,
 )
-from deltamem_agents.state import MemoryState
+from deltamem_agents.core.state import MemoryState
 
 
 def new_cache(model, state: MemoryState | None = None, writes: bool = True) -> DeltaMemCache:
@@ -21,7 +21,7 @@ def new_cache(model, state: MemoryState | None = None, writes: bool = True) -> D
 
 def adapter_fingerprint(model) -> str:
     """The fingerprint every MemoryState written by this model's adapter carries."""
-    from deltamem_agents.attach import attachment_of
+    from deltamem_agents.core.attach import attachment_of
 
     return attachment_of(model).fingerprint(model)
 

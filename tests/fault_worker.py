@@ -24,10 +24,10 @@ from langchain_core.messages import AIMessage  # noqa: E402
 from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: E402
 from tiny_chat import tiny_engine  # noqa: E402
 
-from deltamem_agents.chat import DeltaMemChat  # noqa: E402
-from deltamem_agents.engine import MemoryEngine, TextPiece  # noqa: E402
-from deltamem_agents.graph import build_chatbot  # noqa: E402
-from deltamem_agents.store import SqliteMemoryStore  # noqa: E402
+from deltamem_agents.agents.chat import DeltaMemChat  # noqa: E402
+from deltamem_agents.agents.graph import build_chatbot  # noqa: E402
+from deltamem_agents.agents.store import SqliteMemoryStore  # noqa: E402
+from deltamem_agents.serving.engine import MemoryEngine, TextPiece  # noqa: E402
 
 
 def hang(marker: str) -> None:

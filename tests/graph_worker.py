@@ -12,8 +12,8 @@ from langchain_core.messages import HumanMessage  # noqa: E402
 from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: E402
 from tiny_chat import tiny_engine  # noqa: E402
 
-from deltamem_agents.chat import DeltaMemChat  # noqa: E402
-from deltamem_agents.graph import build_chatbot  # noqa: E402
+from deltamem_agents.agents.chat import DeltaMemChat  # noqa: E402
+from deltamem_agents.agents.graph import build_chatbot  # noqa: E402
 
 
 def user_turn(thread: str, turn: int) -> HumanMessage:

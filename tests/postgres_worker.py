@@ -13,8 +13,8 @@ from graph_worker import run_turns  # noqa: E402
 from langgraph.checkpoint.postgres import PostgresSaver  # noqa: E402
 from tiny_chat import tiny_engine  # noqa: E402
 
-from deltamem_agents.chat import DeltaMemChat  # noqa: E402
-from deltamem_agents.graph import build_chatbot  # noqa: E402
+from deltamem_agents.agents.chat import DeltaMemChat  # noqa: E402
+from deltamem_agents.agents.graph import build_chatbot  # noqa: E402
 
 
 def main() -> None:

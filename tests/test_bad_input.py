@@ -7,9 +7,9 @@ from langgraph.checkpoint.memory import InMemorySaver
 from tiny_chat import tiny_engine
 
 from deltamem_agents import MemoryState, MemoryStateError
-from deltamem_agents.chat import DeltaMemChat
-from deltamem_agents.errors import MessageError
-from deltamem_agents.graph import build_chatbot
+from deltamem_agents.agents.chat import DeltaMemChat
+from deltamem_agents.agents.graph import build_chatbot
+from deltamem_agents.core.errors import MessageError
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def other_backbone_engine():
     from tiny_models import COMMON
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from deltamem_agents.engine import MemoryEngine
+    from deltamem_agents.serving.engine import MemoryEngine
 
     torch.manual_seed(0)
     config = Qwen2Config(**{**COMMON, "vocab_size": len(tiny_tokenizer()), "max_position_embeddings": 1024})
@@ -147,7 +147,7 @@ def test_forget_removes_memory_and_checkpoints_from_the_database_file(tmp_path, 
 
 
 def test_a_state_is_read_only_with_its_thread_id(tmp_path, engine):
-    from deltamem_agents.store import SqliteMemoryStore
+    from deltamem_agents.agents.store import SqliteMemoryStore
 
     store = SqliteMemoryStore(tmp_path / "s.db")
     chat = DeltaMemChat(engine=engine, max_new_tokens=4, store=store)
@@ -161,7 +161,7 @@ def test_a_state_is_read_only_with_its_thread_id(tmp_path, engine):
 
 
 def test_forget_removes_a_standalone_thread_from_the_store_file(tmp_path, engine):
-    from deltamem_agents.store import SqliteMemoryStore
+    from deltamem_agents.agents.store import SqliteMemoryStore
 
     path = tmp_path / "threads.db"
     store = SqliteMemoryStore(path)

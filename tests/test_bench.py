@@ -8,10 +8,10 @@ from tiny_chat import CHATML_PLAIN, char_level_tokenizer
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
+from deltamem_agents.apps.cli import main
 from deltamem_agents.bench import run_bench
 from deltamem_agents.bench.timing import alternate, paired_ratio
 from deltamem_agents.bench.turns import _crop_to, kv_cache_bytes, scripted_conversation
-from deltamem_agents.cli import main
 
 
 def char_tokenizer(vocab_size: int):

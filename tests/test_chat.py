@@ -10,9 +10,9 @@ from pydantic import BaseModel
 from tiny_chat import Script, tiny_engine
 
 from deltamem_agents import MemoryState
-from deltamem_agents.chat import DeltaMemChat
-from deltamem_agents.store import SqliteMemoryStore
-from deltamem_agents.turn import MessageError
+from deltamem_agents.agents.chat import DeltaMemChat
+from deltamem_agents.agents.store import SqliteMemoryStore
+from deltamem_agents.agents.turn import MessageError
 
 
 def lookup_ticket(ticket_id: int) -> str:
@@ -140,7 +140,7 @@ def test_empty_memory_with_default_adapter_does_not_change_the_backbone():
     chat = DeltaMemChat(engine=engine, max_new_tokens=10)
     messages = conversation(3)[:-1]
     reply = chat.invoke(messages)
-    from deltamem_agents.turn import WindowPolicy, plan_turn
+    from deltamem_agents.agents.turn import WindowPolicy, plan_turn
 
     plan = plan_turn(messages, (), WindowPolicy(recall="latent+retrieval"), engine.count_tokens)
     prompt = engine.render_prompt(plan.prompt)[None]
@@ -246,7 +246,7 @@ def test_sqlite_store_is_inspectable(tmp_path, chat):
 def test_tool_preselection_keeps_the_best_matching_tools():
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
-    from deltamem_agents.tool_grammar import preselect, tool_specs
+    from deltamem_agents.serving.tool_grammar import preselect, tool_specs
 
     def list_my_tickets() -> str:
         """List the user's open tickets."""

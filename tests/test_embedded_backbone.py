@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deltamem_agents import DeltaMemConfig, attach_memory, new_cache
-from deltamem_agents.backbone_zoo import load_backbone
+from deltamem_agents.models.backbone_zoo import load_backbone
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from deltamem_agents import DeltaMemConfig
-from deltamem_agents.backbones import AttentionShapes
-from deltamem_agents.memory import MemoryLayer
-from deltamem_agents.ops import delta_scan_recurrent, delta_step
+from deltamem_agents.core.backbones import AttentionShapes
+from deltamem_agents.core.memory_layer import MemoryLayer
+from deltamem_agents.core.ops import delta_scan_recurrent, delta_step
 
 SHAPES = AttentionShapes(hidden=24, q_out=24, k_out=12, v_out=12, o_out=24)
 
@@ -115,7 +115,7 @@ def test_add_correction_equals_output_plus_correction_and_follows_weight_updates
 
 @pytest.fixture
 def cpu_kernel():
-    from deltamem_agents.ops import cpu_decode
+    from deltamem_agents.core.ops import cpu_decode
 
     if not cpu_decode.enable_cpu_decode_kernel(True):
         pytest.skip("the fused CPU decode kernel cannot be built here (no C++ compiler or ninja)")
@@ -145,7 +145,7 @@ def test_fused_kernel_in_a_model_matches_pure_torch_decoding(cpu_kernel):
     from tiny_models import randomize_memory, tiny_model
 
     from deltamem_agents import attach_memory, new_cache
-    from deltamem_agents.ops import cpu_decode
+    from deltamem_agents.core.ops import cpu_decode
 
     model = attach_memory(tiny_model("llama"), DeltaMemConfig())
     randomize_memory(model)

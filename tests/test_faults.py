@@ -94,8 +94,8 @@ def test_read_only_store_gives_a_clear_error_and_keeps_the_state(tmp_path):
     from langchain_core.messages import AIMessage, HumanMessage
     from tiny_chat import tiny_engine
 
-    from deltamem_agents.chat import DeltaMemChat
-    from deltamem_agents.store import SqliteMemoryStore, StoreError
+    from deltamem_agents.agents.chat import DeltaMemChat
+    from deltamem_agents.agents.store import SqliteMemoryStore, StoreError
 
     path = tmp_path / "store.db"
     chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=4, store=SqliteMemoryStore(path))
@@ -125,8 +125,8 @@ def test_full_disk_store_gives_a_clear_error_and_keeps_the_state(tmp_path):
     from langchain_core.messages import AIMessage, HumanMessage
     from tiny_chat import tiny_engine
 
-    from deltamem_agents.chat import DeltaMemChat
-    from deltamem_agents.store import SqliteMemoryStore, StoreError
+    from deltamem_agents.agents.chat import DeltaMemChat
+    from deltamem_agents.agents.store import SqliteMemoryStore, StoreError
 
     path = tmp_path / "store.db"
     store = SqliteMemoryStore(path)
@@ -169,8 +169,8 @@ def test_failing_checkpointer_keeps_the_last_checkpoint_and_continues_identicall
     from langgraph.checkpoint.sqlite import SqliteSaver
     from tiny_chat import tiny_engine
 
-    from deltamem_agents.chat import DeltaMemChat
-    from deltamem_agents.graph import build_chatbot
+    from deltamem_agents.agents.chat import DeltaMemChat
+    from deltamem_agents.agents.graph import build_chatbot
 
     chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
     config = {"configurable": {"thread_id": "disk"}}

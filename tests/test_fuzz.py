@@ -7,8 +7,8 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from tests_tokenizer import chatml_tokenizer
 
 from deltamem_agents import DeltaMemError, MemoryState
-from deltamem_agents.templating import render_chat
-from deltamem_agents.turn import WindowPolicy, plan_turn
+from deltamem_agents.agents.turn import WindowPolicy, plan_turn
+from deltamem_agents.serving.templating import render_chat
 
 TOKENIZER = chatml_tokenizer()
 VALID = MemoryState(torch.randn(2, 1, 1, 4, 4), "abc", (0, 1)).to_bytes()

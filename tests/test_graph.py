@@ -14,8 +14,8 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from tiny_chat import Script, tiny_engine
 
 from deltamem_agents import MemoryState
-from deltamem_agents.chat import DeltaMemChat
-from deltamem_agents.graph import build_agent, build_chatbot
+from deltamem_agents.agents.chat import DeltaMemChat
+from deltamem_agents.agents.graph import build_agent, build_chatbot
 
 WORKER = Path(__file__).parent / "graph_worker.py"
 

@@ -4,7 +4,7 @@ import pytest
 from langchain_tests.unit_tests import ChatModelUnitTests
 from tiny_chat import tiny_engine
 
-from deltamem_agents.chat import DeltaMemChat
+from deltamem_agents.agents.chat import DeltaMemChat
 
 ENGINE = tiny_engine()
 

@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from deltamem_agents.apps.cli import main
 from deltamem_agents.bench.load import redact_url, user_text
 from deltamem_agents.bench.machine import CpuSampler
 from deltamem_agents.bench.timing import median, percentile
-from deltamem_agents.cli import main
 
 URL = os.environ.get("DELTAMEM_TEST_POSTGRES_URL")
 needs_postgres = pytest.mark.skipif(not URL, reason="set DELTAMEM_TEST_POSTGRES_URL (bash scripts/start-postgres.sh)")

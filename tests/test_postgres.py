@@ -15,8 +15,8 @@ from graph_worker import run_turns, user_turn
 from langgraph.checkpoint.memory import InMemorySaver
 from tiny_chat import tiny_engine
 
-from deltamem_agents.chat import DeltaMemChat
-from deltamem_agents.graph import build_chatbot
+from deltamem_agents.agents.chat import DeltaMemChat
+from deltamem_agents.agents.graph import build_chatbot
 
 URL = os.environ.get("DELTAMEM_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="set DELTAMEM_TEST_POSTGRES_URL (bash scripts/start-postgres.sh)")

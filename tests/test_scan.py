@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltamem_agents.ops import delta_scan_chunked, delta_scan_recurrent
+from deltamem_agents.core.ops import delta_scan_chunked, delta_scan_recurrent
 
 
 def scan_inputs(batch, length, heads, rank=8, seed=0, separate=True, dtype=torch.float64):

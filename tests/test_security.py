@@ -20,7 +20,7 @@ def test_no_unpickling_except_the_reference_importer():
                 hits.append((path.relative_to(ROOT).as_posix(), line.strip()))
     assert hits == [
         (
-            "deltamem_agents/adapter.py",
+            "deltamem_agents/core/adapter.py",
             'raw = torch.load(weights_path, map_location="cpu", weights_only=True)  # the one permitted unpickling',
         )
     ]

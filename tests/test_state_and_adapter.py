@@ -17,7 +17,7 @@ from deltamem_agents import (
     memory_parameters,
     new_cache,
 )
-from deltamem_agents.adapter import import_reference_adapter, load_adapter, save_adapter
+from deltamem_agents.core.adapter import import_reference_adapter, load_adapter, save_adapter
 
 
 @pytest.fixture

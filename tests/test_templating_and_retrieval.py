@@ -3,8 +3,8 @@
 import pytest
 from tiny_chat import char_level_tokenizer
 
-from deltamem_agents.retrieval import retrieve_notes, words
-from deltamem_agents.templating import render_chat
+from deltamem_agents.serving.retrieval import retrieve_notes, words
+from deltamem_agents.serving.templating import render_chat
 
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe nice.<|im_end|>\n"

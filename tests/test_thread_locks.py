@@ -6,8 +6,8 @@ import time
 from langchain_core.messages import HumanMessage
 from tiny_chat import tiny_engine
 
-from deltamem_agents.chat import THREAD_LOCKS, DeltaMemChat
-from deltamem_agents.thread_locks import ThreadLocks
+from deltamem_agents.agents.chat import THREAD_LOCKS, DeltaMemChat
+from deltamem_agents.serving.thread_locks import ThreadLocks
 
 
 def overlapping(locks: ThreadLocks, keys: list[str]) -> bool:

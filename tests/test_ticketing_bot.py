@@ -5,7 +5,7 @@ from langchain_core.messages import HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from tiny_chat import Script, tiny_engine
 
-from deltamem_agents.chat import DeltaMemChat
+from deltamem_agents.agents.chat import DeltaMemChat
 from examples.ticketing_bot.bot import build_bot
 from examples.ticketing_bot.tickets import TicketDB, TicketError
 from examples.ticketing_bot.tools import make_tools

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deltamem_agents.cli import main
+from deltamem_agents.apps.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,8 @@
-"""A tiny chat stack for fast tests: the library's tiny random backbone (``deltamem_agents.tiny_backbone``: a
+"""A tiny chat stack for fast tests: the library's tiny random backbone (``deltamem_agents.models.tiny_backbone``: a
 character-level tokenizer with a ChatML template, a tiny random llama, an engine over it), and a way to script what
 the model says (through the real decoding, grammar and parsing path)."""
 
-from deltamem_agents.engine import MemoryEngine
-from deltamem_agents.tiny_backbone import (  # noqa: F401 - re-exported for the tests
+from deltamem_agents.models.tiny_backbone import (  # noqa: F401 - re-exported for the tests
     CHARS,
     CHATML,
     SPECIALS,
@@ -12,6 +11,7 @@ from deltamem_agents.tiny_backbone import (  # noqa: F401 - re-exported for the 
     tiny_lm,
     tiny_tokenizer,
 )
+from deltamem_agents.serving.engine import MemoryEngine
 
 
 class Script:

@@ -14,7 +14,7 @@ from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from deltamem_agents.bench.timing import median
-from deltamem_agents.state import MemoryState
+from deltamem_agents.core.state import MemoryState
 
 
 def bench_checkpoints(states: dict[str, MemoryState], quick: bool = False, count: int | None = None) -> list[dict]:

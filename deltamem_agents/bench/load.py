@@ -62,7 +62,7 @@ from deltamem_agents.bench.machine import CpuSampler, machine_info
 from deltamem_agents.bench.report import load_table, write_load_results
 from deltamem_agents.bench.runner import git_commit
 from deltamem_agents.bench.timing import median, percentile
-from deltamem_agents.errors import LoadRunError
+from deltamem_agents.core.errors import LoadRunError
 
 TINY = "tiny"
 GRACE_S = 120.0  # after max_seconds: time for the turns in flight to finish and for the workers to report
@@ -86,12 +86,12 @@ def user_text(thread: str, turn: int) -> str:
 
 
 def build_chat(model: str, max_new_tokens: int):
-    """The chat model a worker serves: ``"tiny"`` (:mod:`deltamem_agents.tiny_backbone`, seed 0) or anything
-    :func:`deltamem_agents.backbone_zoo.load_backbone` loads (e.g. ``"smollm2-135m-instruct"``)."""
-    from deltamem_agents.chat import DeltaMemChat
+    """The chat model a worker serves: ``"tiny"`` (:mod:`deltamem_agents.models.tiny_backbone`, seed 0) or anything
+    :func:`deltamem_agents.models.backbone_zoo.load_backbone` loads (e.g. ``"smollm2-135m-instruct"``)."""
+    from deltamem_agents.agents.chat import DeltaMemChat
 
     if model == TINY:
-        from deltamem_agents.tiny_backbone import tiny_engine
+        from deltamem_agents.models.tiny_backbone import tiny_engine
 
         return DeltaMemChat(engine=tiny_engine(seed=0), max_new_tokens=max_new_tokens, model_name=TINY)
     return DeltaMemChat.from_backbone(model, max_new_tokens=max_new_tokens)
@@ -206,7 +206,7 @@ async def _serve(conn: JsonChannel, spec: dict, chat, load_s: float) -> None:
     from langchain_core.messages import HumanMessage
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
-    from deltamem_agents.graph import build_chatbot
+    from deltamem_agents.agents.graph import build_chatbot
 
     async with AsyncPostgresSaver.from_conn_string(spec["url"]) as saver:
         graph = build_chatbot(chat, checkpointer=saver)
@@ -536,7 +536,7 @@ def run_load(
 
 def _prepare_model(model: str) -> float:
     """Convert an embedded backbone once, here, before the workers start (else each would convert it)."""
-    from deltamem_agents.backbone_zoo import EMBEDDED, embedded_folder
+    from deltamem_agents.models.backbone_zoo import EMBEDDED, embedded_folder
 
     started = time.perf_counter()
     if model in EMBEDDED:

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from deltamem_agents import DeltaMemConfig, attach_memory, detach_memory, new_cache
 from deltamem_agents.bench.timing import PeakMemory, median, paired_ratio, sync, timed
-from deltamem_agents.ops import cpu_decode
+from deltamem_agents.core.ops import cpu_decode
 
 # (name, config, fused CPU decode kernel): kernel rows time decoding only (prefill does not use the kernel).
 VARIANTS = [

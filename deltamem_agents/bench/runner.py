@@ -11,7 +11,7 @@ import torch
 from deltamem_agents.bench.machine import machine_info
 from deltamem_agents.bench.report import write_results
 from deltamem_agents.bench.timing import max_rss_bytes, use_clock
-from deltamem_agents.state import MemoryState
+from deltamem_agents.core.state import MemoryState
 
 SECTIONS = ("scan", "overhead", "turns", "checkpoints")
 
@@ -48,7 +48,7 @@ def run_bench(
         torch.set_num_threads(threads)
     needs_model = {"overhead", "turns"} & set(sections)
     if model is None and needs_model:
-        from deltamem_agents.backbone_zoo import DEFAULT_BACKBONE, load_backbone
+        from deltamem_agents.models.backbone_zoo import DEFAULT_BACKBONE, load_backbone
 
         model, tokenizer = load_backbone(backbone or DEFAULT_BACKBONE)
     device = next(model.parameters()).device if model is not None else torch.device("cpu")

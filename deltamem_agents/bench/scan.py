@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from deltamem_agents.bench.timing import alternate, median, paired_ratio, timed
-from deltamem_agents.ops import delta_scan_chunked, delta_scan_recurrent
+from deltamem_agents.core.ops import delta_scan_chunked, delta_scan_recurrent
 
 FULL_LENGTHS = (512, 2048, 8192)
 QUICK_LENGTHS = (64, 256)

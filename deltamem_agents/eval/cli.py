@@ -30,16 +30,16 @@ def add_eval_parser(commands) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from deltamem_agents.backbone_zoo import load_backbone
     from deltamem_agents.eval.report import markdown, write_report
     from deltamem_agents.eval.runner import evaluate
     from deltamem_agents.eval.tasks import locomo_task, synthetic_task
+    from deltamem_agents.models.backbone_zoo import load_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_backbone(args.backbone)
     if args.adapter:
-        from deltamem_agents.adapter import load_adapter
+        from deltamem_agents.core.adapter import load_adapter
 
         load_adapter(model, args.adapter)
     if args.task == "locomo":

@@ -5,7 +5,7 @@ read pass uses: none (exactly the backbone: an empty state with writes off reads
 from dataclasses import dataclass
 
 from deltamem_agents.eval.tasks import EvalConversation
-from deltamem_agents.retrieval import retrieve_notes
+from deltamem_agents.serving.retrieval import retrieve_notes
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from deltamem_agents import MemoryState, adapter_fingerprint, has_memory, new_cache
-from deltamem_agents.attach import attachment_of
-from deltamem_agents.backbones import resolve
+from deltamem_agents.core.attach import attachment_of
+from deltamem_agents.core.backbones import resolve
 from deltamem_agents.eval.methods import METHODS, build_prompt
 from deltamem_agents.eval.scoring import score
 from deltamem_agents.eval.tasks import EvalConversation
-from deltamem_agents.templating import render_chat
+from deltamem_agents.serving.templating import render_chat
 from deltamem_agents.train.synthetic import SYSTEM_PROMPT
 
 

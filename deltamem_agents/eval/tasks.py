@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltamem_agents.errors import DeltaMemError
+from deltamem_agents.core.errors import DeltaMemError
 from deltamem_agents.train.synthetic import SyntheticEpisodes
 
 TEMPORAL_SUFFIX = " Use DATE of CONVERSATION to answer with an approximate date."

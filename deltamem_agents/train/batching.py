@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltamem_agents.templating import render_chat
+from deltamem_agents.serving.templating import render_chat
 from deltamem_agents.train.episodes import Episode
 from deltamem_agents.train.synthetic import SYSTEM_PROMPT
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltamem_agents.adapter import load_adapter, save_adapter
-from deltamem_agents.attach import memory_parameters
-from deltamem_agents.errors import DeltaMemError
+from deltamem_agents.core.adapter import load_adapter, save_adapter
+from deltamem_agents.core.attach import memory_parameters
+from deltamem_agents.core.errors import DeltaMemError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"

@@ -42,7 +42,7 @@ def add_train_parser(commands) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from deltamem_agents.config import DeltaMemConfig
+    from deltamem_agents.core.config import DeltaMemConfig
     from deltamem_agents.train.trainer import TrainConfig, export_adapter, train
 
     curriculum = []
@@ -85,7 +85,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     import torch
 
-    from deltamem_agents.backbone_zoo import load_backbone
+    from deltamem_agents.models.backbone_zoo import load_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from deltamem_agents.errors import DeltaMemError
+from deltamem_agents.core.errors import DeltaMemError
 
 ROLES = ("user", "assistant")
 

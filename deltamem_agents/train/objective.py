@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from deltamem_agents.attach import attachment_of
-from deltamem_agents.backbones import resolve
-from deltamem_agents.cache import DeltaMemCache
+from deltamem_agents.core.attach import attachment_of
+from deltamem_agents.core.backbones import resolve
+from deltamem_agents.core.cache import DeltaMemCache
 from deltamem_agents.train.batching import IGNORE, Batch
 
 
@@ -77,7 +77,7 @@ def write_pass(model, batch: Batch, detach_backbone: bool = False) -> tuple[list
 
 
 def module_parent(model, attachment, position: int):
-    from deltamem_agents.attach import _attention
+    from deltamem_agents.core.attach import _attention
 
     return _attention(model, attachment.spec, attachment.layers[position])
 

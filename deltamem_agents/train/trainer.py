@@ -11,9 +11,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from deltamem_agents.adapter import save_adapter
-from deltamem_agents.attach import attach_memory, has_memory, memory_parameters
-from deltamem_agents.config import DeltaMemConfig
+from deltamem_agents.core.adapter import save_adapter
+from deltamem_agents.core.attach import attach_memory, has_memory, memory_parameters
+from deltamem_agents.core.config import DeltaMemConfig
 from deltamem_agents.train.batching import Example, collate, encode_example, length_sorted_batches
 from deltamem_agents.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from deltamem_agents.train.episodes import load_episodes
@@ -118,7 +118,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
     if config.threads:
         torch.set_num_threads(config.threads)
     if model is None:
-        from deltamem_agents.backbone_zoo import load_backbone
+        from deltamem_agents.models.backbone_zoo import load_backbone
 
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
         model, tokenizer = load_backbone(config.backbone, device=config.device, dtype=dtype)

@@ -1,7 +1,7 @@
 """The support agent: DeltaMemChat + the ticket tools in a LangGraph agent, one thread (and memory) per user."""
 
-from deltamem_agents.chat import DeltaMemChat
-from deltamem_agents.graph import build_agent
+from deltamem_agents.agents.chat import DeltaMemChat
+from deltamem_agents.agents.graph import build_agent
 from examples.ticketing_bot.tickets import TicketDB
 from examples.ticketing_bot.tools import make_tools
 

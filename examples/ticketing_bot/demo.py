@@ -32,7 +32,7 @@ def run_session(index: int, data: Path, user: str) -> None:
     from langchain_core.messages import AIMessage, HumanMessage
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    from deltamem_agents.chat import DeltaMemChat
+    from deltamem_agents.agents.chat import DeltaMemChat
     from examples.ticketing_bot.bot import build_bot
     from examples.ticketing_bot.tickets import TicketDB
 
@@ -85,8 +85,8 @@ def staff_update(data: Path, user: str, after_session: int) -> None:
 def interactive(data: Path, user: str) -> None:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    from deltamem_agents.chat import DeltaMemChat
-    from deltamem_agents.terminal_chat import chat_loop
+    from deltamem_agents.agents.chat import DeltaMemChat
+    from deltamem_agents.apps.terminal_chat import chat_loop
     from examples.ticketing_bot.bot import build_bot
     from examples.ticketing_bot.tickets import TicketDB
 

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import torch
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    from deltamem_agents.chat import DeltaMemChat
+    from deltamem_agents.agents.chat import DeltaMemChat
     from examples.ticketing_bot.bot import SYSTEM_PROMPT
     from examples.ticketing_bot.tickets import TicketDB
     from examples.ticketing_bot.tools import make_tools

@@ -15,14 +15,14 @@ def fla_scan(
     lam: torch.Tensor | None = None,
     **_ignored,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same arguments and results as ``deltamem_agents.ops.delta_scan_recurrent``; CUDA tensors only.
+    """Same arguments and results as ``deltamem_agents.core.ops.delta_scan_recurrent``; CUDA tensors only.
 
     Computes in float32 (the inputs are cast); returns ``(final_state (B, H, r, r), reads (B, T, H, r))``.
     """
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     if not q.is_cuda:
-        raise ValueError("fla_scan runs on CUDA tensors only; use deltamem_agents.ops.delta_scan_chunked on CPU")
+        raise ValueError("fla_scan runs on CUDA tensors only; use deltamem_agents.core.ops.delta_scan_chunked on CPU")
     heads, rank = q.shape[2], q.shape[3]
     tensors = [t.float() if t is not None else None for t in (state, q, k, v, beta, lam)]
     state, q, k, v, beta, lam = tensors

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltamem_agents.ops import delta_scan_recurrent
+from deltamem_agents.core.ops import delta_scan_recurrent
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("fla") is None,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from deltamem_fla.mapping import from_gdn_state, reads_from_gdn, to_gdn
 
-from deltamem_agents.ops import delta_scan_recurrent
+from deltamem_agents.core.ops import delta_scan_recurrent
 
 
 def naive_gdn(q, k, v, g, beta, initial_state):

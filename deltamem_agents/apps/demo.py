@@ -10,7 +10,7 @@ import time
 import torch
 
 from deltamem_agents import DeltaMemConfig, MemoryState, adapter_fingerprint, attach_memory, new_cache
-from deltamem_agents.backbone_zoo import DEFAULT_BACKBONE, load_backbone
+from deltamem_agents.models.backbone_zoo import DEFAULT_BACKBONE, load_backbone
 
 HISTORY = [
     {"role": "user", "content": "Hi, I'm Dana. My order number is 4417 and the blender arrived cracked."},

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 
-from deltamem_agents.errors import ConfigError
+from deltamem_agents.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 REPLY_ACTION = "reply"
@@ -69,7 +69,7 @@ def preselect(specs: list[ToolSpec], request: str, keep: int) -> list[ToolSpec]:
     Small models choose among few tools far better than among many; with no word in common, all tools stay."""
     from rank_bm25 import BM25Plus
 
-    from deltamem_agents.retrieval import words
+    from deltamem_agents.serving.retrieval import words
 
     query = words(request)
     documents = [words(f"{s.name.replace('_', ' ')} {s.description}") for s in specs]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from deltamem_agents.errors import DeltaMemError
+from deltamem_agents.core.errors import DeltaMemError
 
 
 class StoreError(DeltaMemError, RuntimeError):

@@ -3,9 +3,9 @@
 import torch
 from transformers import DynamicCache
 
-from deltamem_agents.carrier import CARRIER_ATTRIBUTE, MemoryCarrier
-from deltamem_agents.errors import DeltaMemError
-from deltamem_agents.state import MemoryState
+from deltamem_agents.core.carrier import CARRIER_ATTRIBUTE, MemoryCarrier
+from deltamem_agents.core.errors import DeltaMemError
+from deltamem_agents.core.state import MemoryState
 
 
 class DeltaMemCache(DynamicCache):
@@ -16,7 +16,7 @@ class DeltaMemCache(DynamicCache):
 
     def __init__(self, model, state: MemoryState | None = None, writes: bool = True):
         super().__init__(config=model.config)
-        from deltamem_agents.attach import attachment_of  # attach imports this module
+        from deltamem_agents.core.attach import attachment_of  # attach imports this module
 
         self._attachment = attachment_of(model)
         self._model = model
@@ -51,7 +51,7 @@ class DeltaMemCache(DynamicCache):
 
 def memory_state_of(cache, model, batch_size: int | None = None) -> MemoryState:
     """The memory riding on any cache used with ``model`` (a DeltaMemCache or one generate() created)."""
-    from deltamem_agents.attach import attachment_of
+    from deltamem_agents.core.attach import attachment_of
 
     attachment = attachment_of(model)
     carrier = getattr(cache, CARRIER_ATTRIBUTE, None)

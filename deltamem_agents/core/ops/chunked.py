@@ -17,7 +17,7 @@ masks), so every exp argument is <= 0 and nothing overflows.
 import torch
 import torch.nn.functional as F
 
-from deltamem_agents.ops.validation import check_scan_inputs, compute_dtype
+from deltamem_agents.core.ops.validation import check_scan_inputs, compute_dtype
 
 # log(lambda) is floored so that lambda == 0 (beta == 1 in fp32) cannot produce -inf - (-inf) = NaN.
 LOG_LAMBDA_FLOOR = -80.0

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deltamem_agents.errors import ConfigError
+from deltamem_agents.core.errors import ConfigError
 
 WriteStrategy = Literal["token", "segment", "multi"]
 

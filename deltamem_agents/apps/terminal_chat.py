@@ -6,9 +6,9 @@ from pathlib import Path
 from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from deltamem_agents.backbone_zoo import deltamem_home
-from deltamem_agents.chat import DeltaMemChat
-from deltamem_agents.graph import build_chatbot
+from deltamem_agents.agents.chat import DeltaMemChat
+from deltamem_agents.agents.graph import build_chatbot
+from deltamem_agents.models.backbone_zoo import deltamem_home
 
 
 def run_terminal_chat(thread: str, db: str | None, backbone: str, adapter: str | None, max_new_tokens: int) -> int:

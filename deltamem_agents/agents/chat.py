@@ -1,9 +1,9 @@
 """DeltaMemChat: a LangChain chat model over a local backbone with δ-mem, keeping one memory per thread.
 
-Each call is one turn of the protocol in ``deltamem_agents.turn``: older messages not yet written go into the
+Each call is one turn of the protocol in ``deltamem_agents.agents.turn``: older messages not yet written go into the
 memory (write pass), and the reply is decoded from a bounded prompt (system + notes + window) reading the
 memory with writes off. Where the memory lives:
-  - in our LangGraph node (``deltamem_agents.graph``): the checkpointed ``memory`` channel, passed in and out
+  - in our LangGraph node (``deltamem_agents.agents.graph``): the checkpointed ``memory`` channel, passed in and out
     through the ``deltamem_turn`` keyword (a TurnIO);
   - standalone with ``config={"configurable": {"thread_id": ...}}``: the chat model's ``store``;
   - standalone without a thread id: a fresh memory for this call only.
@@ -26,11 +26,12 @@ from langchain_core.runnables.config import ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
-from deltamem_agents.engine import GenerationDone, GenerationSettings, MemoryEngine
-from deltamem_agents.state import MemoryState
-from deltamem_agents.store import InMemoryStore, ThreadMemory
-from deltamem_agents.thread_locks import ThreadLocks
-from deltamem_agents.tool_grammar import (
+from deltamem_agents.agents.store import InMemoryStore, ThreadMemory
+from deltamem_agents.agents.turn import WindowPolicy, plan_turn
+from deltamem_agents.core.state import MemoryState
+from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
+from deltamem_agents.serving.thread_locks import ThreadLocks
+from deltamem_agents.serving.tool_grammar import (
     allowed_actions,
     compile_envelope,
     envelope_schema,
@@ -40,7 +41,6 @@ from deltamem_agents.tool_grammar import (
     preselect,
     tool_specs,
 )
-from deltamem_agents.turn import WindowPolicy, plan_turn
 
 log = logging.getLogger(__name__)
 TURN_KWARG = "deltamem_turn"
@@ -103,8 +103,8 @@ class DeltaMemChat(BaseChatModel):
         cls, backbone: str = "smollm2-135m-instruct", adapter: str | None = None, device=None, **kwargs
     ) -> "DeltaMemChat":
         """Load ``backbone`` (see ``load_backbone``) and, if given, a saved adapter folder."""
-        from deltamem_agents.adapter import load_adapter
-        from deltamem_agents.backbone_zoo import load_backbone
+        from deltamem_agents.core.adapter import load_adapter
+        from deltamem_agents.models.backbone_zoo import load_backbone
 
         model, tokenizer = load_backbone(backbone, device=device)
         if adapter is not None:

@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "chat":
-        from deltamem_agents.terminal_chat import run_terminal_chat
+        from deltamem_agents.apps.terminal_chat import run_terminal_chat
 
         return run_terminal_chat(args.thread, args.db, args.backbone, args.adapter, args.max_new_tokens)
 
     if args.command == "demo":
-        from deltamem_agents.demo import run_demo
+        from deltamem_agents.apps.demo import run_demo
 
         run_demo(args.backbone, args.max_new_tokens)
         return 0
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench_load(args, argv: list[str] | None) -> int:
-    from deltamem_agents.errors import DeltaMemError
+    from deltamem_agents.core.errors import DeltaMemError
 
     if not args.url:
         print(

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltamem_agents.errors import MessageError
+from deltamem_agents.core.errors import MessageError
 
 NOT_WRITTEN = -1
 

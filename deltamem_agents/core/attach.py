@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from deltamem_agents.backbones import BackboneSpec, attention_shapes, backbone_spec, projection_weights, resolve
-from deltamem_agents.carrier import CURRENT_CALL, CallContext, MemoryCarrier, carrier_of
-from deltamem_agents.config import DeltaMemConfig
-from deltamem_agents.errors import AdapterError, ConfigError
-from deltamem_agents.memory import MemoryLayer
+from deltamem_agents.core.backbones import BackboneSpec, attention_shapes, backbone_spec, projection_weights, resolve
+from deltamem_agents.core.carrier import CURRENT_CALL, CallContext, MemoryCarrier, carrier_of
+from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.core.errors import AdapterError, ConfigError
+from deltamem_agents.core.memory_layer import MemoryLayer
 
 MEMORY_MODULE_NAME = "deltamem"
 PARAMETER_MARKER = f".{MEMORY_MODULE_NAME}."
@@ -78,7 +78,7 @@ def attach_memory(model: nn.Module, config: DeltaMemConfig | None = None, dtype:
     """Attach δ-mem to every (or the configured) attention layer of ``model``, in place, and freeze the backbone.
 
     Args:
-        model: a transformers causal LM of a supported family (see ``deltamem_agents.backbones``).
+        model: a transformers causal LM of a supported family (see ``deltamem_agents.core.backbones``).
         config: the adapter configuration (defaults to ``DeltaMemConfig()``: TSW, r = 8, Q/O corrections).
         dtype: dtype of the memory parameters (float32 by default, also under a bf16 backbone).
 

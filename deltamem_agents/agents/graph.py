@@ -13,7 +13,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
 
-from deltamem_agents.chat import TURN_KWARG, DeltaMemChat, TurnIO
+from deltamem_agents.agents.chat import TURN_KWARG, DeltaMemChat, TurnIO
 
 
 class DeltaMemState(TypedDict, total=False):

@@ -11,9 +11,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from deltamem_agents.attach import attach_memory
-from deltamem_agents.config import DeltaMemConfig
-from deltamem_agents.engine import MemoryEngine
+from deltamem_agents.core.attach import attach_memory
+from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.serving.engine import MemoryEngine
 
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"

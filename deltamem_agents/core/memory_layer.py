@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltamem_agents.backbones import AttentionShapes
-from deltamem_agents.config import DeltaMemConfig
-from deltamem_agents.ops import cpu_decode, delta_scan_chunked, delta_scan_recurrent, delta_step
-from deltamem_agents.ops.kernels import gpu_scan_kernel
-from deltamem_agents.ops.validation import compute_dtype
+from deltamem_agents.core.backbones import AttentionShapes
+from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.core.ops import cpu_decode, delta_scan_chunked, delta_scan_recurrent, delta_step
+from deltamem_agents.core.ops.kernels import gpu_scan_kernel
+from deltamem_agents.core.ops.validation import compute_dtype
 
 # Below this many tokens the token loop is cheaper than the chunked form (decode is T = 1).
 RECURRENT_MAX_TOKENS = 8

@@ -11,7 +11,7 @@ import torch
 from platformdirs import user_cache_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deltamem_agents.errors import BackboneError
+from deltamem_agents.core.errors import BackboneError
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 EMBEDDED = {

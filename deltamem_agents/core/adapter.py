@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deltamem_agents.attach import attach_memory, attachment_of, detach_memory, has_memory, memory_parameters
-from deltamem_agents.config import DeltaMemConfig
-from deltamem_agents.errors import AdapterError, ConfigError
+from deltamem_agents.core.attach import attach_memory, attachment_of, detach_memory, has_memory, memory_parameters
+from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.core.errors import AdapterError, ConfigError
 
 CONFIG_FILE = "deltamem_config.json"
 WEIGHTS_FILE = "adapter.safetensors"

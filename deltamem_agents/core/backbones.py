@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltamem_agents.errors import UnsupportedModelError
+from deltamem_agents.core.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def backbone_spec(model: nn.Module) -> BackboneSpec:
     if model_type not in BACKBONES:
         raise UnsupportedModelError(
             f"δ-mem does not support model_type {model_type!r}; supported types: {', '.join(sorted(BACKBONES))}. "
-            "Add a BackboneSpec for it in deltamem_agents/backbones.py if its attention has separate or fused "
+            "Add a BackboneSpec for it in deltamem_agents/core/backbones.py if its attention has separate or fused "
             "q/k/v projections and an output projection."
         )
     return BACKBONES[model_type]

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from deltamem_agents.attach import attach_memory, attachment_of, has_memory
-from deltamem_agents.cache import DeltaMemCache
-from deltamem_agents.config import DeltaMemConfig
-from deltamem_agents.state import MemoryState
-from deltamem_agents.templating import render_chat
+from deltamem_agents.core.attach import attach_memory, attachment_of, has_memory
+from deltamem_agents.core.cache import DeltaMemCache
+from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.core.state import MemoryState
+from deltamem_agents.serving.templating import render_chat
 
 PLACEHOLDER_SYSTEM = {"role": "system", "content": "-"}  # keeps templates from injecting a default system prompt
 DEFAULT_WRITE_PIECE_TOKENS = 1024

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from deltamem_agents.errors import MemoryStateError
+from deltamem_agents.core.errors import MemoryStateError
 
 FORMAT_NAME = "deltamem-state"
 FORMAT_VERSION = "1"

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-from deltamem_agents.errors import MessageError
-from deltamem_agents.retrieval import retrieve_notes
-from deltamem_agents.tool_grammar import render_tool_call
+from deltamem_agents.core.errors import MessageError
+from deltamem_agents.serving.retrieval import retrieve_notes
+from deltamem_agents.serving.tool_grammar import render_tool_call
 
 RECALL_MODES = ("latent", "latent+retrieval")
 

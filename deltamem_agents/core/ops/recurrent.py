@@ -5,7 +5,7 @@ It is slow (one Python step per token) and exists to be obviously right; every f
 
 import torch
 
-from deltamem_agents.ops.validation import check_scan_inputs, compute_dtype
+from deltamem_agents.core.ops.validation import check_scan_inputs, compute_dtype
 
 
 def delta_scan_recurrent(

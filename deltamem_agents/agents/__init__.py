@@ -1,0 +1,1 @@
+"""The LangChain / LangGraph layer: DeltaMemChat, graph helpers, thread-state stores."""

@@ -1,0 +1,1 @@
+"""Programs: the deltamem CLI, the memory demo, the terminal chat."""
