@@ -92,12 +92,24 @@ def test_unknown_roles_fail_clearly(engine):
 
 def test_a_message_longer_than_the_context_is_written_in_pieces_and_the_window_trimmed():
     engine = tiny_engine(max_context=256)
-    chat = DeltaMemChat(engine=engine, max_new_tokens=4, window_tokens=120)
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4, window_tokens=100, notes_tokens=32)
     huge = "word " * 400  # ~2000 tokens with the character tokenizer: far beyond the 256-token context
     messages = [HumanMessage(huge, id="1"), AIMessage("ok", id="2"), HumanMessage(huge + " end", id="3")]
     reply = chat.invoke(messages, {"configurable": {"thread_id": "long"}})
     assert reply.response_metadata["memory_tokens_written"] > 2000  # all of it, in pieces
     assert reply.usage_metadata["input_tokens"] <= 120 + chat.notes_tokens + 60  # window + notes caps + system
+
+
+def test_caps_that_do_not_fit_the_context_give_a_clear_error_and_keep_the_memory():
+    from deltamem_agents.core.errors import MessageError
+
+    engine = tiny_engine(max_context=256)
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4, window_tokens=120, notes_tokens=192)
+    huge = "word " * 400
+    messages = [HumanMessage(huge, id="1"), AIMessage("ok", id="2"), HumanMessage(huge + " end", id="3")]
+    with pytest.raises(MessageError, match="nothing of it was cut"):
+        chat.invoke(messages, {"configurable": {"thread_id": "tight"}})
+    assert chat.store.load("tight").written == ("1", "2")  # the write pass was kept
 
 
 def test_a_huge_tool_result_is_cut_in_the_prompt_but_kept_in_the_state(engine):

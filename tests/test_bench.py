@@ -22,6 +22,7 @@ def char_tokenizer(vocab_size: int):
 @pytest.mark.parametrize("sections", [("scan", "overhead", "turns", "checkpoints")])
 def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path, sections):
     model = tiny_model("llama")
+    model.config.max_position_embeddings = 4096  # the scripted turns' prompts are longer than the tiny default 256
     tokenizer = char_tokenizer(model.config.vocab_size)
     results = run_bench(
         tmp_path, quick=True, sections=sections, model=model, tokenizer=tokenizer, turns=3, threads=None

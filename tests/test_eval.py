@@ -92,9 +92,9 @@ def test_runner_uses_own_and_other_memory_and_resumes_from_cache(tmp_path, monke
     seen = []
     original = runner.answer
 
-    def spy(model, tokenizer, messages, state, max_new_tokens):
+    def spy(engine, messages, state, settings):
         seen.append(state)
-        return original(model, tokenizer, messages, state, max_new_tokens)
+        return original(engine, messages, state, settings)
 
     monkeypatch.setattr(runner, "answer", spy)
     methods = ["window", "delta", "delta_control"]
@@ -104,7 +104,7 @@ def test_runner_uses_own_and_other_memory_and_resumes_from_cache(tmp_path, monke
     own, other = seen[2], seen[4]
     assert window_states == [None, None]
     assert not own.equal(other) and not own.is_zero()
-    assert other.equal(runner.write_state(model, tokenizer, convs[1], "m"))
+    assert other.equal(runner.write_state(model, tokenizer, convs[1]))
     seen.clear()
     again = runner.evaluate(model, tokenizer, "toy", convs, methods, tmp_path, max_new_tokens=2, system_prompt="m")
     assert seen == [] and again == records  # everything came from the per-conversation cache

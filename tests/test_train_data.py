@@ -4,6 +4,7 @@ and the tokenization of an episode into write and read passes."""
 import json
 
 import pytest
+import torch
 from tiny_chat import char_tokenizer
 
 from deltamem_agents.train.batching import IGNORE, collate, encode_example
@@ -79,7 +80,10 @@ def test_encoding_puts_labels_on_the_answer_only():
     example = encode_example(tokenizer, episode, system_prompt="m")
     answer = example.read_ids[example.labels != IGNORE]
     assert tokenizer.decode(answer.tolist()) == "b<|im_end|>"
-    assert "k=b" in tokenizer.decode(example.write_ids.tolist())
+    written = tokenizer.decode(torch.cat(example.write_pieces).tolist())
+    assert "k=b" in written and "system" not in written  # the system prompt is never written
     assert "k=b" not in tokenizer.decode(example.read_ids.tolist())
-    batch = collate([example, encode_example(tokenizer, episode, system_prompt="mmmm")])
-    assert batch.write_mask.sum(1).tolist() == [len(example.write_ids), len(example.write_ids) + 3]
+    other = encode_example(tokenizer, episode, system_prompt="mmmm")
+    assert [p.tolist() for p in other.write_pieces] == [p.tolist() for p in example.write_pieces]
+    batch = collate([example, other])
+    assert [c.mask.sum(1).tolist() for c in batch.write_calls] == [[example.write_tokens] * 2]

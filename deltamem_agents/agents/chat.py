@@ -29,6 +29,7 @@ from pydantic import ConfigDict, Field
 from deltamem_agents.agents.store import InMemoryStore, ThreadMemory
 from deltamem_agents.agents.turn import WindowPolicy, plan_turn
 from deltamem_agents.core.state import MemoryState
+from deltamem_agents.models import DEFAULT_BACKBONE
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
 from deltamem_agents.serving.thread_locks import ThreadLocks
 from deltamem_agents.serving.tool_grammar import (
@@ -100,7 +101,7 @@ class DeltaMemChat(BaseChatModel):
 
     @classmethod
     def from_backbone(
-        cls, backbone: str = "smollm2-135m-instruct", adapter: str | None = None, device=None, **kwargs
+        cls, backbone: str = DEFAULT_BACKBONE, adapter: str | None = None, device=None, **kwargs
     ) -> "DeltaMemChat":
         """Load ``backbone`` (see ``load_backbone``) and, if given, a saved adapter folder."""
         from deltamem_agents.core.adapter import load_adapter
@@ -167,7 +168,7 @@ class DeltaMemChat(BaseChatModel):
             else:
                 memory, written, step = None, (), 0
             fingerprint = self.engine.fingerprint()
-            state = MemoryState.from_bytes(memory, fingerprint=fingerprint) if memory else None
+            state = MemoryState.from_bytes(memory, fingerprint, self.engine.memory_layers) if memory else None
             specs, grammar, extra = self._tools(kwargs, _newest_user_text(messages))
             plan = plan_turn(messages, written, self.window, self.engine.count_tokens, extra_system=extra)
             state, tokens_written = self.engine.write(state, plan.to_write)

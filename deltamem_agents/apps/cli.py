@@ -5,25 +5,27 @@ import os
 import shlex
 import sys
 
+from deltamem_agents.models import DEFAULT_BACKBONE
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltamem", description="δ-mem online memory for local language models")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="short memory demo on the embedded backbone")
-    demo.add_argument("--backbone", default="smollm2-135m-instruct")
+    demo.add_argument("--backbone", default=DEFAULT_BACKBONE)
     demo.add_argument("--max-new-tokens", type=int, default=24)
     inspect = commands.add_parser("inspect-state", help="validate and describe a saved memory-state file")
     inspect.add_argument("path")
     chat = commands.add_parser("chat", help="interactive terminal chat with persistent memory per thread")
     chat.add_argument("--thread", required=True, help="conversation name; the same name resumes it")
     chat.add_argument("--db", help="SQLite checkpoint file (default: $DELTAMEM_HOME/chat.db)")
-    chat.add_argument("--backbone", default="smollm2-135m-instruct")
+    chat.add_argument("--backbone", default=DEFAULT_BACKBONE)
     chat.add_argument("--adapter", help="folder of a saved adapter")
     chat.add_argument("--max-new-tokens", type=int, default=200)
     bench = commands.add_parser("bench", help="benchmarks: scan, backbone overhead, turns vs replay, checkpoints")
     bench.add_argument("--quick", action="store_true", help="short sizes for a smoke run")
     bench.add_argument("--out", default="docs/benchmarks", help="folder for results JSON, markdown and PNGs")
-    bench.add_argument("--backbone", default="smollm2-135m-instruct")
+    bench.add_argument("--backbone", default=DEFAULT_BACKBONE)
     bench.add_argument("--sections", default="scan,overhead,turns,checkpoints", help="comma-separated subset")
     bench.add_argument("--threads", type=int, default=1, help="torch threads (pin the process with taskset)")
     bench.add_argument("--turns", type=int, default=None, help="turns of the scripted conversation (50; quick 6)")
@@ -45,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--out", default="docs/benchmarks", help="folder for the results JSON and markdown")
     load.add_argument("--name", help="file name stem (default: load, or load-MODEL for other models)")
     load.add_argument("--keep-threads", action="store_true", help="keep the run's threads in the database")
+    export = commands.add_parser(
+        "export-adapter",
+        help="copy a training checkpoint's adapter files (weights + config) into the package's adapters/",
+        description="Copy adapter.safetensors and deltamem_config.json of a training checkpoint (e.g. runs/NAME) "
+        "into deltamem_agents/adapters/NAME; optimizer, RNG and trainer state stay in the checkpoint.",
+    )
+    export.add_argument("checkpoint", help="a training checkpoint or adapter folder")
+    export.add_argument("name", help="name of the shipped adapter (a folder name: letters, digits, '-', '_', '.')")
+    export.add_argument("--force", action="store_true", help="replace an adapter of that name")
     from deltamem_agents.train.cli import add_train_parser
 
     add_train_parser(commands)
@@ -98,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench-load":
         return _bench_load(args, argv)
+    if args.command == "export-adapter":
+        from deltamem_agents.core.adapter import export_adapter_files
+        from deltamem_agents.core.errors import DeltaMemError
+
+        try:
+            target = export_adapter_files(args.checkpoint, args.name, force=args.force)
+        except DeltaMemError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"exported {args.checkpoint} to {target}")
+        return 0
     if args.command == "train":
         from deltamem_agents.train.cli import run_train
 

@@ -8,6 +8,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.agents.graph import build_chatbot
+from deltamem_agents.models import DEFAULT_BACKBONE
 from deltamem_agents.models.backbone_zoo import deltamem_home
 
 
@@ -47,4 +48,4 @@ def chat_loop(graph, config: dict, banner: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_terminal_chat(sys.argv[1], None, "smollm2-135m-instruct", None, 200))
+    sys.exit(run_terminal_chat(sys.argv[1], None, DEFAULT_BACKBONE, None, 200))

@@ -5,9 +5,11 @@ no stopping at EOS). The history holds the SCRIPTED assistant replies, so all si
 - replay: a fresh forward over system + the whole history + the new user message (how API-model agents run);
 - kept KV: one growing cache; each turn feeds only the tokens after the cached prefix (the generated answer is
   cropped away and the scripted reply appended), at the price of keeping the KV cache of the whole history;
-- δ-mem: a write pass over the messages not yet written (writes on, the new state is kept), then a read pass over
-  system + the last ``window`` messages + the new user message with writes off, decoding with writes off.
-Time to first token (TTFT) counts everything before the first answer token: for δ-mem the write pass too.
+- δ-mem: the chat's own turn: the write schedule over the messages not yet written (``MemoryEngine.write``), the
+  chat's read prompt (system + the last ``window`` messages + the new user message, ``build_read_prompt``) and
+  the chat's decoder (``MemoryEngine.stream``, writes off).
+Time to first token (TTFT) counts everything before the first answer token: for δ-mem the write pass too (the
+decoder's first event comes after the prompt's forward pass and the first token's detokenisation).
 """
 
 import copy
@@ -17,6 +19,8 @@ from transformers import DynamicCache
 
 from deltamem_agents import DeltaMemConfig, attach_memory, new_cache
 from deltamem_agents.bench.timing import timed
+from deltamem_agents.serving.engine import GenerationSettings, MemoryEngine
+from deltamem_agents.serving.turn_plan import build_read_prompt
 
 SYSTEM = "You are a concise support assistant for an online shop. Keep answers short."
 PRODUCTS = ["blender", "kettle", "desk lamp", "rice cooker", "backpack", "monitor", "toaster", "headphones"]
@@ -108,6 +112,8 @@ def bench_turns(
     script = scripted_conversation(turns)
     system = [{"role": "system", "content": SYSTEM}]
     memory_model = attach_memory(copy.deepcopy(model), DeltaMemConfig())
+    engine = MemoryEngine(memory_model, tokenizer)
+    reply = GenerationSettings(max_new_tokens=answer_tokens, ignore_eos=True)
     state = None
     written = 0
     kv_cache, kv_ids = DynamicCache(config=model.config), None
@@ -152,21 +158,18 @@ def bench_turns(
             def delta_mem(history=history, user=user, row=row):
                 nonlocal state, written
                 write_s, write_tokens = 0.0, 0
-                if written < len(history):  # write the messages not yet in memory
-                    before = _render(tokenizer, system + history[:written], False) if written else ""
-                    text = _render(tokenizer, system + history, False)
-                    new_ids = _ids(tokenizer, text[len(before) :] if text.startswith(before) else text, device)
-                    cache = new_cache(memory_model, state, writes=True)
-                    write_s, _ = timed(lambda: memory_model(new_ids, cache=cache), device)
-                    state, written, write_tokens = cache.memory_state(), len(history), new_ids.shape[1]
+                if written < len(history):  # the chat's write path: the messages not yet in memory
+                    new = history[written:]
+                    write_s, (state, write_tokens) = timed(lambda: engine.write(state, new), device)  # noqa: B023
+                    written = len(history)
                 recent = history[-window:] if window else []
-                prompt = _ids(tokenizer, _render(tokenizer, system + recent + [user], True), device)
-                cache = new_cache(memory_model, state, writes=False)
-                read_s, logits = timed(lambda: memory_model(prompt, cache=cache).logits, device)
-                decode = _answer(memory_model, cache, logits, answer_tokens, device)
+                prompt = engine.render_prompt(build_read_prompt([SYSTEM], [], [*recent, user]))  # the chat's prompt
+                events = engine.stream(state, prompt, reply)  # the chat's decoder (writes off)
+                read_s, first = timed(lambda: next(events), device)  # noqa: B023
+                decode, _ = timed(lambda: list(events), device)  # noqa: B023
                 row.update(
                     mem_write_tokens=write_tokens,
-                    mem_prompt_tokens=prompt.shape[1],
+                    mem_prompt_tokens=int(prompt.shape[0]),
                     mem_write_s=write_s,
                     mem_read_s=read_s,
                     mem_ttft_s=write_s + read_s,

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from deltamem_agents.core.attach import attach_memory, attachment_of, detach_memory, has_memory, memory_parameters
 from deltamem_agents.core.config import DeltaMemConfig
 from deltamem_agents.core.errors import AdapterError, ConfigError
+from deltamem_agents.core.fingerprint import SPEED_FIELDS, math_config
 
 CONFIG_FILE = "deltamem_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -64,10 +65,18 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[DeltaMemConfig, d
         raise AdapterError(f"{path} holds an invalid config: {err}") from None
 
 
-def load_adapter(model, directory: str | os.PathLike):
+def load_adapter(model, directory: str | os.PathLike, **speed):
     """Load a saved adapter into ``model``: attaches memory with the saved config if none is attached (else the
-    attached config must match). On any error the model is left as it was."""
+    attached config must define the same math). On any error the model is left as it was.
+
+    ``speed``: speed settings to use instead of the saved ones (``SPEED_FIELDS``, e.g. ``chunk_size=32``); they
+    are not part of the state fingerprint, so states written before still load."""
+    unknown = sorted(set(speed) - set(SPEED_FIELDS))
+    if unknown:
+        raise AdapterError(f"load_adapter: {unknown} are not speed settings; only {list(SPEED_FIELDS)} can be changed")
     config, description = read_adapter_config(directory)
+    if speed:
+        config = DeltaMemConfig(**{**config.model_dump(), **speed})
     expected = description.get("backbone", {})
     actual = backbone_description(model)
     if expected and expected != actual:
@@ -79,6 +88,28 @@ def load_adapter(model, directory: str | os.PathLike):
         raise AdapterError(f"cannot read {weights_path}: {err}") from None
     _load_tensors(model, config, tensors, str(weights_path))
     return model
+
+
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+
+
+def export_adapter_files(source: str | os.PathLike, name: str, force: bool = False, into: Path | None = None) -> Path:
+    """Copy the adapter files of ``source`` (a training checkpoint or an adapter folder) into
+    ``into / name`` (default: the package's ``adapters/``): the weights and the config, nothing else."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise AdapterError(f"adapter name {name!r} must be a folder name: letters, digits, '.', '-', '_'")
+    read_adapter_config(source)  # a valid adapter description, or a clear error
+    weights = Path(source) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterError(f"no adapter weights at {source}: {WEIGHTS_FILE} is missing")
+    target = (into or SHIPPED_ADAPTERS) / name
+    if target.exists() and not force:
+        raise AdapterError(f"{target} exists; pass --force (force=True) to replace it")
+    target.mkdir(parents=True, exist_ok=True)
+    for file in (WEIGHTS_FILE, CONFIG_FILE):
+        data = (Path(source) / file).read_bytes()
+        _atomic_write(target / file, lambda path, data=data: path.write_bytes(data))
+    return target
 
 
 def import_reference_adapter(model, directory: str | os.PathLike):
@@ -165,7 +196,7 @@ def _load_tensors(model, config: DeltaMemConfig, tensors: dict[str, torch.Tensor
     attached_here = not has_memory(model)
     if attached_here:
         attach_memory(model, config)
-    elif attachment_of(model).config != config:
+    elif math_config(attachment_of(model).config) != math_config(config):
         raise AdapterError(
             f"the model already has a different δ-mem config attached; detach_memory(model) before loading {source}"
         )

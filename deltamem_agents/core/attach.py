@@ -11,8 +11,6 @@ Per forward call:
   decoder post-hook  -> close the CallContext (also on exceptions)
 """
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +21,7 @@ from deltamem_agents.core.backbones import BackboneSpec, attention_shapes, backb
 from deltamem_agents.core.carrier import CURRENT_CALL, CallContext, MemoryCarrier, carrier_of
 from deltamem_agents.core.config import DeltaMemConfig
 from deltamem_agents.core.errors import AdapterError, ConfigError
+from deltamem_agents.core.fingerprint import Fingerprinter
 from deltamem_agents.core.memory_layer import MemoryLayer
 
 MEMORY_MODULE_NAME = "deltamem"
@@ -41,25 +40,19 @@ class Attachment:
     modules: list[MemoryLayer]
     handles: list = field(default_factory=list)
     requires_grad_before: dict[str, bool] = field(default_factory=dict)
-    _fingerprint_key: tuple | None = None
-    _fingerprint: str | None = None
+    fingerprinter: Fingerprinter = field(default_factory=Fingerprinter)
 
     def device(self, model: nn.Module) -> torch.device:
         return self.modules[0].memory_q_proj.device
 
     def fingerprint(self, model: nn.Module) -> str:
-        """Hash of the adapter's config, weights and backbone shape; recomputed only after weights change."""
-        params = [p for m in self.modules for p in m.parameters()]
-        anchor = projection_weights(self.spec, _attention(model, self.spec, self.layers[0]))["q"]
-        key = tuple((p.data_ptr(), p._version) for p in params) + ((anchor.data_ptr(), anchor._version),)
-        if key != self._fingerprint_key:
-            digest = hashlib.sha256()
-            backbone = {"model_type": model.config.model_type, "layers": _num_layers(model, self.spec)}
-            digest.update(json.dumps([self.config.model_dump(mode="json"), backbone], sort_keys=True).encode())
-            for tensor in [*params, anchor]:
-                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-            self._fingerprint_key, self._fingerprint = key, digest.hexdigest()[:16]
-        return self._fingerprint
+        """The fingerprint of the states this adapter writes on this backbone (see ``core.fingerprint``)."""
+        memory = {
+            f"layers.{index}.{name}": param
+            for index, module in zip(self.layers, self.modules)
+            for name, param in module.named_parameters()
+        }
+        return self.fingerprinter.fingerprint(model, self.config, memory)
 
 
 def attachment_of(model: nn.Module) -> Attachment:
@@ -138,6 +131,17 @@ def memory_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         for index, module in zip(attachment.layers, attachment.modules)
         for name, param in module.named_parameters()
     }
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The base decoder of ``model`` (the transformer without its LM head; its forward hooks carry the memory)."""
+    return resolve(model, attachment_of(model).spec.base_model)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules that carry memory, in the order of the memory layers (``Attachment.layers``)."""
+    attachment = attachment_of(model)
+    return [_attention(model, attachment.spec, index) for index in attachment.layers]
 
 
 def _num_layers(model: nn.Module, spec: BackboneSpec) -> int:

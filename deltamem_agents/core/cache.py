@@ -3,6 +3,7 @@
 import torch
 from transformers import DynamicCache
 
+from deltamem_agents.core.attach import attachment_of
 from deltamem_agents.core.carrier import CARRIER_ATTRIBUTE, MemoryCarrier
 from deltamem_agents.core.errors import DeltaMemError
 from deltamem_agents.core.state import MemoryState
@@ -16,8 +17,6 @@ class DeltaMemCache(DynamicCache):
 
     def __init__(self, model, state: MemoryState | None = None, writes: bool = True):
         super().__init__(config=model.config)
-        from deltamem_agents.core.attach import attachment_of  # attach imports this module
-
         self._attachment = attachment_of(model)
         self._model = model
         device = self._attachment.device(model)
@@ -26,6 +25,17 @@ class DeltaMemCache(DynamicCache):
             state.check_compatible(self._attachment.fingerprint(model), self._attachment.layers)
             states = list(state.tensor.to(device=device, dtype=torch.float32).unbind(0))  # L x (B, H, r, r)
         setattr(self, CARRIER_ATTRIBUTE, MemoryCarrier(states=states, writes=writes))
+
+    @classmethod
+    def from_states(cls, model, states: list[torch.Tensor], writes: bool = True) -> "DeltaMemCache":
+        """A cache over live per-layer states ``L x (B, H, r, r)`` (kept as given, autograd included): what
+        training uses to write or read a memory that must stay differentiable."""
+        cache = cls(model, writes=writes)
+        attachment = cache._attachment
+        if len(states) != len(attachment.layers):
+            raise DeltaMemError(f"{len(states)} states given for {len(attachment.layers)} memory layers")
+        cache.carrier.states = list(states)
+        return cache
 
     @property
     def carrier(self) -> MemoryCarrier:
@@ -51,8 +61,6 @@ class DeltaMemCache(DynamicCache):
 
 def memory_state_of(cache, model, batch_size: int | None = None) -> MemoryState:
     """The memory riding on any cache used with ``model`` (a DeltaMemCache or one generate() created)."""
-    from deltamem_agents.core.attach import attachment_of
-
     attachment = attachment_of(model)
     carrier = getattr(cache, CARRIER_ATTRIBUTE, None)
     if carrier is None:

@@ -90,3 +90,8 @@ def _explain(err: ValidationError) -> str:
         field = ".".join(str(p) for p in item["loc"]) or "config"
         lines.append(f"DeltaMemConfig.{field}: {item['msg']} (got {item.get('input')!r})")
     return "invalid δ-mem config:\n  " + "\n  ".join(lines)
+
+
+# The adapter an engine attaches when it is given none: the paper's config with zero-init corrections, so an
+# untrained memory never changes the backbone's answers (every correction is exactly 0 whatever is written).
+IDENTITY_CONFIG = DeltaMemConfig(correction_init="zero")

@@ -103,16 +103,19 @@ class MemoryState:
         return _deterministic_safetensors(tensor, metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes, fingerprint: str | None = None) -> "MemoryState":
+    def from_bytes(
+        cls, data: bytes, fingerprint: str | None = None, layers: tuple[int, ...] | None = None
+    ) -> "MemoryState":
         """Parse and validate bytes from :meth:`to_bytes`.
 
         Args:
             data: the serialized state.
             fingerprint: when given, the adapter fingerprint the state must carry.
+            layers: when given, the memory layers the state must cover (the model's ``Attachment.layers``).
 
         Raises:
             MemoryStateError: not bytes, truncated or corrupted, another format or version, shape or dtype not
-                as declared, NaN/Inf values, or (with ``fingerprint``) written by another adapter.
+                as declared, NaN/Inf values, or (with ``fingerprint`` / ``layers``) written by another adapter.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise MemoryStateError(f"memory state must be bytes, got {type(data).__name__}")
@@ -136,22 +139,24 @@ class MemoryState:
             raise MemoryStateError(f"memory state must hold exactly the tensor {TENSOR_NAME!r}, got {sorted(tensors)}")
         tensor = tensors[TENSOR_NAME]
         try:
-            layers = tuple(int(i) for i in json.loads(metadata["layers"]))
+            stored_layers = tuple(int(i) for i in json.loads(metadata["layers"]))
             shape = [int(i) for i in json.loads(metadata["shape"])]
         except (KeyError, TypeError, ValueError) as err:
             raise MemoryStateError(f"memory state metadata is malformed: {err}") from None
         if tensor.dtype != torch.float32 or metadata.get("dtype") != "float32":
             raise MemoryStateError(f"memory state must be float32, got {tensor.dtype}")
-        if list(tensor.shape) != shape or tensor.dim() != 5 or shape[-1] != shape[-2] or shape[0] != len(layers):
+        if list(tensor.shape) != shape or tensor.dim() != 5 or shape[-1] != shape[-2] or shape[0] != len(stored_layers):
             raise MemoryStateError(
                 f"memory state shape {list(tensor.shape)} does not match its metadata (shape {shape}, "
-                f"{len(layers)} layers)"
+                f"{len(stored_layers)} layers)"
             )
         if not torch.isfinite(tensor).all():
             raise MemoryStateError("memory state holds NaN or Inf values; it cannot be used")
-        state = cls(tensor, metadata.get("fingerprint", ""), layers)
+        state = cls(tensor, metadata.get("fingerprint", ""), stored_layers)
         if fingerprint is not None:
-            state.check_compatible(fingerprint, layers)
+            state.check_compatible(fingerprint, state.layers if layers is None else tuple(layers))
+        elif layers is not None and tuple(layers) != state.layers:
+            raise MemoryStateError(f"memory state covers layers {state.layers}, the model has memory on {layers}")
         return state
 
 

@@ -3,13 +3,15 @@
 import argparse
 import time
 
+from deltamem_agents.models import DEFAULT_BACKBONE
+
 
 def add_eval_parser(commands) -> None:
     """Register the ``eval`` subcommand."""
     p = commands.add_parser("eval", help="evaluate recall: δ-mem vs window, full history, BM25 and the control")
     p.add_argument("task", choices=["synthetic", "locomo"])
     p.add_argument("--data", help="LoCoMo JSON (read in place; e.g. ../shared/data/locomo/locomo_dev.json)")
-    p.add_argument("--backbone", default="smollm2-135m-instruct")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE)
     p.add_argument("--adapter", help="adapter folder (a training checkpoint works); needed for δ-mem methods")
     p.add_argument(
         "--methods", default="window,full,bm25,delta,delta_bm25,delta_control", help="comma-separated method names"

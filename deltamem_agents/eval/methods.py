@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from deltamem_agents.eval.tasks import EvalConversation
 from deltamem_agents.serving.retrieval import retrieve_notes
+from deltamem_agents.serving.turn_plan import build_read_prompt
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,14 @@ def build_prompt(
     max_prompt_tokens: int = 2048,
     note_tokens: int = 256,
 ) -> list[dict]:
-    """The read-pass messages of ``method`` for one question."""
-    system = system_prompt
+    """The read-pass messages of ``method`` for one question, built like the chat's (``build_read_prompt``)."""
     recent = list(conversation.notes[-window:]) if window > 0 else []
+    notes = []
     if method.notes:
         older = list(conversation.notes[: len(conversation.notes) - len(recent)])
-        notes = retrieve_notes(older, question, count_tokens, max_tokens=note_tokens)
-        if notes:
-            system += "\nNotes from earlier in this conversation:\n" + "\n".join(f"- {n.text}" for n in notes)
-    messages = [{"role": "system", "content": system}]
+        notes = [f"{n.role}: {n.text}" for n in retrieve_notes(older, question, count_tokens, max_tokens=note_tokens)]
     if method.history == "full":
-        budget = max_prompt_tokens - count_tokens(system) - count_tokens(question) - 16
+        budget = max_prompt_tokens - count_tokens(system_prompt) - count_tokens(question) - 16
         kept = []
         for message in reversed(conversation.messages):
             cost = count_tokens(message["content"]) + 4
@@ -61,8 +59,7 @@ def build_prompt(
                 break
             kept.append(dict(message))
             budget -= cost
-        messages += list(reversed(kept))
+        history = list(reversed(kept))
     else:
-        messages += [{"role": role, "content": text} for role, text in recent]
-    messages.append({"role": "user", "content": question})
-    return messages
+        history = [{"role": role, "content": text} for role, text in recent]
+    return build_read_prompt([system_prompt], notes, [*history, {"role": "user", "content": question}])

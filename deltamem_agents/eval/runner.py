@@ -4,68 +4,34 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from deltamem_agents import MemoryState, adapter_fingerprint, has_memory, new_cache
-from deltamem_agents.core.attach import attachment_of
-from deltamem_agents.core.backbones import resolve
+from deltamem_agents import MemoryState, adapter_fingerprint, has_memory
 from deltamem_agents.eval.methods import METHODS, build_prompt
 from deltamem_agents.eval.scoring import score
 from deltamem_agents.eval.tasks import EvalConversation
-from deltamem_agents.serving.templating import render_chat
-from deltamem_agents.train.synthetic import SYSTEM_PROMPT
+from deltamem_agents.serving import write_schedule
+from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
+from deltamem_agents.serving.prompts import SYSTEM_PROMPT
+
+# Pinned decoding of every recall evaluation (greedy, no repetition control, short answers); recorded in every
+# result row, and independent of the chat's defaults.
+EVAL_DECODING = GenerationSettings(max_new_tokens=24)
 
 
-@torch.no_grad()
-def write_state(model, tokenizer, conversation: EvalConversation, system_prompt: str, max_chunk: int = 1024):
-    """Write a conversation into a fresh memory: the rendered [system, *messages], fed in pieces of at most
-    ``max_chunk`` tokens cut at message boundaries, the state carried between pieces (the KV cache is not)."""
-    rendered = render_chat(tokenizer, [{"role": "system", "content": system_prompt}, *conversation.messages])
-    ids, owners = rendered.input_ids, rendered.message_index  # (T,), (T,)
-    segments = rendered.segment_ids()
-    bounds, start = [], 0
-    while start < len(ids):
-        end = min(start + max_chunk, len(ids))
-        if end < len(ids):
-            cut = end
-            while cut > start + 1 and owners[cut] == owners[cut - 1]:
-                cut -= 1
-            end = cut if cut > start + 1 else end
-        bounds.append((start, end))
-        start = end
-    state = None
-    device = next(model.parameters()).device
-    decoder = resolve(model, attachment_of(model).spec.base_model)  # no LM head: only the state is needed
-    for start, end in bounds:
-        cache = new_cache(model, state, writes=True)
-        piece = segments[start:end]
-        valid = piece[piece >= 0]
-        if len(valid):
-            cache.set_segment_ids((piece - valid.min()).clamp_min(-1).masked_fill(piece < 0, -1)[None].to(device))
-        else:
-            cache.set_segment_ids(piece[None].to(device))
-        decoder(input_ids=ids[None, start:end].to(device), cache=cache, use_cache=True)
-        state = cache.memory_state()
+def write_state(model, tokenizer, conversation: EvalConversation) -> MemoryState:
+    """Write a conversation into a fresh memory under the write schedule (the chat's; system messages are not
+    written)."""
+    state, _ = write_schedule.write_messages(model, tokenizer, list(conversation.messages))
     return state
 
 
-@torch.no_grad()
-def answer(model, tokenizer, messages: list[dict], state: MemoryState | None, max_new_tokens: int) -> tuple[str, int]:
-    """Greedy answer to the prompt, reading ``state`` with writes off (None: exactly the backbone)."""
-    device = next(model.parameters()).device
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
-        "input_ids"
-    ].to(device)
-    kwargs = {"cache": new_cache(model, state, writes=False)} if has_memory(model) else {}
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        **kwargs,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), int(ids.shape[1])
+def answer(engine: MemoryEngine, messages: list[dict], state: MemoryState | None, settings: GenerationSettings):
+    """The decoded answer to the read prompt ``messages`` (the chat's decoder, reading ``state`` with writes off;
+    None: the empty memory, exactly the backbone) and the prompt's length in tokens."""
+    done = None
+    for event in engine.stream(state, engine.render_prompt(messages), settings):
+        if isinstance(event, GenerationDone):
+            done = event
+    return done.text.strip(), done.prompt_tokens
 
 
 def evaluate(
@@ -76,7 +42,7 @@ def evaluate(
     methods: list[str],
     out_dir: str | Path,
     questions_per_conversation: int | None = None,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = EVAL_DECODING.max_new_tokens,
     window: int = 2,
     max_prompt_tokens: int = 2048,
     system_prompt: str = SYSTEM_PROMPT,
@@ -94,6 +60,9 @@ def evaluate(
     fingerprint = adapter_fingerprint(model) if has_memory(model) else None
     if any(METHODS[m].memory for m in methods) and fingerprint is None:
         raise ValueError("δ-mem methods need an adapter: load one (--adapter) or leave them out")
+    engine = MemoryEngine(model, tokenizer)  # without an adapter: zero-init memory, read only as the empty state
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    decoding_record = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "stop": list(settings.stop)}
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -109,7 +78,7 @@ def evaluate(
                 states[conversation.id] = (MemoryState.from_bytes(path.read_bytes()), json.loads(meta.read_text())["s"])
             else:
                 tick = time.perf_counter()
-                state = write_state(model, tokenizer, conversation, system_prompt)
+                state = write_state(model, tokenizer, conversation)
                 seconds = time.perf_counter() - tick
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(state.to_bytes())
@@ -138,7 +107,7 @@ def evaluate(
                     method, conversation, q.question, system_prompt, count_tokens, window, max_prompt_tokens
                 )
                 tick = time.perf_counter()
-                prediction, prompt_tokens = answer(model, tokenizer, messages, state, max_new_tokens)
+                prediction, prompt_tokens = answer(engine, messages, state, settings)
                 latency = time.perf_counter() - tick + write_seconds / max(1, len(questions))
                 rows.append(
                     {
@@ -153,6 +122,7 @@ def evaluate(
                         "prompt_tokens": prompt_tokens,
                         "latency_s": latency,
                         "adapter": fingerprint if method.memory else None,
+                        **decoding_record,
                         **score(prediction, q.answer, q.category),
                     }
                 )

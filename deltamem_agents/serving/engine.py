@@ -13,23 +13,24 @@ import torch
 
 from deltamem_agents.core.attach import attach_memory, attachment_of, has_memory
 from deltamem_agents.core.cache import DeltaMemCache
-from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.core.config import IDENTITY_CONFIG, DeltaMemConfig
+from deltamem_agents.core.errors import MessageError
 from deltamem_agents.core.state import MemoryState
-from deltamem_agents.serving.templating import render_chat
-
-PLACEHOLDER_SYSTEM = {"role": "system", "content": "-"}  # keeps templates from injecting a default system prompt
-DEFAULT_WRITE_PIECE_TOKENS = 1024
+from deltamem_agents.serving import write_schedule
+from deltamem_agents.serving.templating import render_prompt_ids
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Decoding settings; temperature 0 (or None) means greedy."""
+    """Decoding settings; temperature 0 (or None) means greedy. ``ignore_eos`` decodes exactly
+    ``max_new_tokens`` tokens (benchmarks compare replies of equal length)."""
 
     max_new_tokens: int = 256
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,24 +63,14 @@ class MemoryEngine:
 
     def __init__(self, model, tokenizer, config: DeltaMemConfig | None = None, max_context: int | None = None):
         if not has_memory(model):
-            attach_memory(model, config or DeltaMemConfig(correction_init="zero"))
+            attach_memory(model, config or IDENTITY_CONFIG)
         self.model = model
         self.tokenizer = tokenizer
         self.lock = threading.RLock()
         positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
         self.max_context = max_context or positions
-        self.write_piece_tokens = min(DEFAULT_WRITE_PIECE_TOKENS, self.max_context)
+        self.write_piece_tokens = min(write_schedule.DEFAULT_PIECE_TOKENS, self.max_context)
         self.eos_ids = _eos_ids(model, tokenizer)
-        # Templates that know no "tool" role (the embedded SmolLM2's) see tool results as user messages.
-        self.template_has_tool_role = "tool" in (getattr(tokenizer, "chat_template", None) or "")
-
-    def template_messages(self, messages: list[dict]) -> list[dict]:
-        """Chat dicts as this tokenizer's template can render them."""
-        if self.template_has_tool_role:
-            return messages
-        return [
-            {"role": "user", "content": f"Tool result: {m['content']}"} if m["role"] == "tool" else m for m in messages
-        ]
 
     @property
     def config(self) -> DeltaMemConfig:
@@ -88,6 +79,11 @@ class MemoryEngine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def memory_layers(self) -> tuple[int, ...]:
+        """The backbone layer indices that carry memory (every state this engine reads must cover them)."""
+        return attachment_of(self.model).layers
 
     def fingerprint(self) -> str:
         return attachment_of(self.model).fingerprint(self.model)
@@ -102,51 +98,13 @@ class MemoryEngine:
 
     def render_prompt(self, messages: list[dict]) -> torch.Tensor:
         """``(T,)`` prompt ids: the messages with the chat template and the generation prompt."""
-        return render_chat(self.tokenizer, self.template_messages(messages), add_generation_prompt=True).input_ids
+        return render_prompt_ids(self.tokenizer, messages)
 
     def write(self, state: MemoryState | None, messages: list[dict]) -> tuple[MemoryState, int]:
-        """Write ``messages`` (chat dicts, in order) into ``state``; returns the new state and tokens written.
-
-        The messages are rendered with the chat template (the template's own preamble is not written) and fed in
-        pieces of at most ``write_piece_tokens``; a new KV context is started whenever the context limit would be
-        exceeded, the memory carrying over. For the segment strategy each message is one write.
-        """
-        state = state or self.empty_state()
-        if not messages:
-            return state, 0
-        rendered = render_chat(self.tokenizer, [PLACEHOLDER_SYSTEM, *self.template_messages(messages)])
-        keep = rendered.message_index >= 1
-        ids = rendered.input_ids[keep]  # (T,)
-        segments = rendered.message_index[keep] - 1  # (T,) message index within ``messages``
-        pieces = self._pieces(segments)
-        with self.lock, torch.no_grad():
-            cache = DeltaMemCache(self.model, state)
-            for start, stop in pieces:
-                if cache.get_seq_length() + (stop - start) > self.max_context:
-                    cache = DeltaMemCache(self.model, cache.memory_state())
-                if self.config.write == "segment":
-                    cache.set_segment_ids(segments[None, start:stop].to(self.device))
-                self.model(ids[None, start:stop].to(self.device), cache=cache)
-            return cache.memory_state(), int(ids.shape[0])
-
-    def _pieces(self, segments: torch.Tensor) -> list[tuple[int, int]]:
-        """Token ranges of at most ``write_piece_tokens``; for the segment strategy, cut only between messages
-        (a single message longer than a piece is cut, and then counts as several writes)."""
-        total, size = segments.shape[0], self.write_piece_tokens
-        if self.config.write != "segment":
-            return [(s, min(s + size, total)) for s in range(0, total, size)]
-        bounds = [0] + [i for i in range(1, total) if segments[i] != segments[i - 1]] + [total]
-        pieces, start = [], 0
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if b - start > size and a > start:
-                pieces.append((start, a))
-                start = a
-            while b - start > size:
-                pieces.append((start, start + size))
-                start += size
-        if start < total:
-            pieces.append((start, total))
-        return pieces
+        """Write ``messages`` (chat dicts, in order) into ``state`` under the write schedule (one forward call per
+        message, see ``deltamem_agents.serving.write_schedule``); returns the new state and tokens written."""
+        with self.lock:
+            return write_schedule.write_messages(self.model, self.tokenizer, messages, state, self.write_piece_tokens)
 
     def stream(
         self,
@@ -158,7 +116,14 @@ class MemoryEngine:
         """Decode a reply to ``prompt_ids`` reading ``state`` with writes off; yields TextPiece, then one
         GenerationDone. ``grammar`` is a compiled xgrammar grammar constraining every token, or None."""
         state = state or self.empty_state()
-        prompt_ids = prompt_ids[-(self.max_context - settings.max_new_tokens) :]  # (T,) never past the context
+        room = self.max_context - int(prompt_ids.shape[0])  # positions left for the reply
+        if room < 1:
+            raise MessageError(
+                f"the prompt has {prompt_ids.shape[0]} tokens but the context holds {self.max_context}: nothing of it "
+                "was cut (that could drop the system message); shorten the window (window_tokens, notes_tokens) "
+                "or the system prompt"
+            )
+        budget = min(settings.max_new_tokens, room)  # the reply stops at the context limit ("length")
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         matcher, bitmask = _matcher(grammar, self.model)
         cache = DeltaMemCache(self.model, state, writes=False)
@@ -166,7 +131,7 @@ class MemoryEngine:
         emitted, finish = "", "length"
         holdback = max((len(s) for s in settings.stop), default=1) - 1
         step_input = prompt_ids[None].to(self.device)  # (1, T)
-        for _ in range(settings.max_new_tokens):
+        for _ in range(budget):
             with self.lock, torch.no_grad():
                 logits = self.model(step_input, cache=cache).logits[0, -1].float()  # (V,)
             if matcher is not None:
@@ -174,7 +139,7 @@ class MemoryEngine:
             token = _sample(logits, settings, generator)
             if matcher is not None:
                 matcher.accept_token(token)
-            if token in self.eos_ids:
+            if token in self.eos_ids and not settings.ignore_eos:
                 finish = "stop"
                 break
             produced.append(token)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from deltamem_agents.core.errors import MessageError
+from deltamem_agents.serving.prompts import TOOL_RESULT_PREFIX
 
 NOT_WRITTEN = -1
 
@@ -96,3 +97,18 @@ def _message_start(tokenizer, messages, i, full, ends, template_kwargs) -> int:
     header = rendered.rfind(messages[0]["role"])
     cut = rendered.rfind("\n", 0, max(header, 0)) + 1 if header > 0 else 0
     return min(_common_prefix_length(rendered[:cut], full), ends[0])
+
+
+def template_messages(tokenizer, messages: list[dict]) -> list[dict]:
+    """Chat dicts as this tokenizer's template can render them: templates that know no ``tool`` role (the
+    embedded SmolLM2's) get each tool result as a user message starting with ``TOOL_RESULT_PREFIX``."""
+    if "tool" in (getattr(tokenizer, "chat_template", None) or ""):
+        return messages
+    return [
+        {"role": "user", "content": TOOL_RESULT_PREFIX + m["content"]} if m["role"] == "tool" else m for m in messages
+    ]
+
+
+def render_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """``(T,)`` ids of a read prompt: ``messages`` through the template, with the generation prompt."""
+    return render_chat(tokenizer, template_messages(tokenizer, messages), add_generation_prompt=True).input_ids

@@ -1,99 +1,122 @@
-"""``deltamem train``: command-line front end of :func:`deltamem_agents.train.trainer.train`."""
+"""``deltamem train``: command-line front end of :func:`deltamem_agents.train.trainer.train`.
+
+Every default comes from ``TrainConfig()`` (and its ``DeltaMemConfig()``), or from the recipe named with
+``--recipe``; a flag given on the command line overrides it. So ``deltamem train`` and ``train(TrainConfig())``
+make the same adapter.
+"""
 
 import argparse
 import json
 import os
 
+from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.train.trainer import TrainConfig
+
+TRAIN = TrainConfig()
+MEMORY = DeltaMemConfig()
+
+# flag -> (TrainConfig field, type, help); memory fields are "memory.<field>"
+FLAGS = {
+    "backbone": ("backbone", str, "backbone name or folder (see load_backbone)"),
+    "data": ("data", str, "JSONL episode file (default: synthetic episodes with a curriculum)"),
+    "checkpoint-dir": ("checkpoint_dir", str, "resumable checkpoint folder, outside the package (e.g. runs/NAME)"),
+    "checkpoint-minutes": ("checkpoint_minutes", float, "minutes between checkpoints"),
+    "steps": ("steps", int, "optimizer steps"),
+    "batch-size": ("batch_size", int, "episodes per micro-batch"),
+    "accumulation": ("accumulation", int, "micro-batches per optimizer step"),
+    "lr": ("lr", float, "peak learning rate (AdamW, warm-up then cosine)"),
+    "warmup": ("warmup", float, "fraction of the steps spent warming up"),
+    "clip": ("clip", float, "gradient-norm clip"),
+    "seed": ("seed", int, "seed of the data order and the synthetic episodes"),
+    "split-seed": ("split_seed", int, "seed of the synthetic train/dev/test split"),
+    "contrastive": ("contrastive_weight", float, "weight of the right-vs-wrong-memory margin term"),
+    "margin": ("margin", float, "margin of the contrastive term, in nats"),
+    "gate-weight": ("gate_weight", float, "weight of the write-gate regulariser"),
+    "max-write-tokens": ("max_write_tokens", int, "longest history written (oldest messages dropped)"),
+    "dtype": ("dtype", str, "float32 or bfloat16"),
+    "device": ("device", str, "torch device (default: CUDA when present, else CPU)"),
+    "threads": ("threads", int, "torch threads (pin the process with taskset too)"),
+    "dev-episodes": ("dev_episodes", int, "dev episodes evaluated at the end"),
+    "write": ("memory.write", str, "write strategy: token (TSW), segment (SSW) or multi (MSW)"),
+    "rank": ("memory.rank", int, "r, the side of each memory state"),
+    "forget-gate": ("memory.forget_gate", str, "tied (lambda = 1 - beta, the paper) or separate"),
+    "beta-bias-init": ("memory.beta_bias_init", float, "initial write-gate bias"),
+    "lambda-bias-init": ("memory.lambda_bias_init", float, "initial bias of the separate forget gate"),
+    "correction-gain": ("memory.correction_gain", float, "base-slice init gain of the corrections"),
+}
+CHOICES = {
+    "write": ["token", "segment", "multi"],
+    "forget-gate": ["tied", "separate"],
+    "dtype": ["float32", "bfloat16"],
+}
+
+
+def _default(field: str, base: TrainConfig = TRAIN):
+    if field.startswith("memory."):
+        return getattr(base.memory, field.split(".", 1)[1])
+    return getattr(base, field)
+
 
 def add_train_parser(commands) -> None:
     """Register the ``train`` subcommand."""
-    p = commands.add_parser("train", help="train a δ-mem adapter (resumable)")
-    p.add_argument("--backbone", default="smollm2-135m-instruct")
-    p.add_argument("--data", help="JSONL episode file (default: synthetic episodes with a curriculum)")
-    p.add_argument("--out", help="also export the final adapter (weights + config only) to this folder")
-    p.add_argument("--checkpoint-dir", help="resumable checkpoint folder (overwritten in place)")
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir if it holds a checkpoint")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--accumulation", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--curriculum", default="0:0.3,1:0.4,2:0.3", help="level:fraction,... (levels 0-3)")
-    p.add_argument("--write", choices=["token", "segment", "multi"], default="token")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--forget-gate", choices=["tied", "separate"], default="separate")
-    p.add_argument("--beta-bias-init", type=float, default=-2.0)
-    p.add_argument("--lambda-bias-init", type=float, default=6.0)
-    p.add_argument("--correction-gain", type=float, default=0.05, help="base-slice init gain of the corrections")
-    p.add_argument("--contrastive", type=float, default=0.5, help="weight of the right-vs-wrong-memory margin term")
-    p.add_argument("--margin", type=float, default=1.0)
-    p.add_argument("--gate-weight", type=float, default=0.01)
+    from deltamem_agents.train.recipes import RECIPES
+
+    p = commands.add_parser(
+        "train",
+        help="train a δ-mem adapter (resumable)",
+        description="Train a δ-mem adapter on the frozen backbone. Defaults: TrainConfig() and DeltaMemConfig() "
+        "(shown below), or the recipe given with --recipe; flags override either.",
+    )
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe instead of TrainConfig()")
+    for flag, (field, kind, text) in FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, choices=CHOICES.get(flag), help=f"{text} (default: {_default(field)!r})")
+    p.add_argument("--curriculum", help=f"level:fraction,... (levels 0-3; default: {TRAIN.curriculum})")
     p.add_argument("--full-backprop", action="store_true", help="backpropagate through the backbone's write pass")
-    p.add_argument("--max-write-tokens", type=int, default=1024)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (pin the process with taskset too)")
-    p.add_argument("--dev-episodes", type=int, default=64)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir if it holds a checkpoint")
+    p.add_argument("--out", help="also export the final adapter (weights + config only) to this folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a ``deltamem train`` command line: the base (TrainConfig() or the recipe) with every
+    given flag applied."""
+    from deltamem_agents.train.recipes import RECIPES
+
+    base = RECIPES[args.recipe] if getattr(args, "recipe", None) else TRAIN
+    values = base.model_dump()
+    memory = dict(values.pop("memory"))
+    for flag, (field, _, _) in FLAGS.items():
+        given = getattr(args, flag.replace("-", "_"), None)
+        if given is None:
+            continue
+        if field.startswith("memory."):
+            memory[field.split(".", 1)[1]] = given
+        else:
+            values[field] = given
+    if memory.get("forget_gate") == "tied":
+        memory["lambda_bias_init"] = None
+    if getattr(args, "curriculum", None):
+        values["curriculum"] = [(int(a), float(b)) for a, b in (part.split(":") for part in args.curriculum.split(","))]
+    if getattr(args, "full_backprop", False):
+        values["detach_backbone"] = False
+    values["progress"] = not getattr(args, "no_progress", False) and os.environ.get("RANK", "0") == "0"
+    return TrainConfig(memory=DeltaMemConfig(**memory), **values)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from deltamem_agents.core.config import DeltaMemConfig
-    from deltamem_agents.train.trainer import TrainConfig, export_adapter, train
-
-    curriculum = []
-    for part in args.curriculum.split(","):
-        level, fraction = part.split(":")
-        curriculum.append((int(level), float(fraction)))
-    memory = DeltaMemConfig(
-        rank=args.rank,
-        write=args.write,
-        forget_gate=args.forget_gate,
-        beta_bias_init=args.beta_bias_init,
-        lambda_bias_init=args.lambda_bias_init if args.forget_gate == "separate" else None,
-        correction_gain=args.correction_gain,
-    )
-    config = TrainConfig(
-        memory=memory,
-        backbone=args.backbone,
-        data=args.data,
-        split_seed=args.split_seed,
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        accumulation=args.accumulation,
-        lr=args.lr,
-        warmup=args.warmup,
-        clip=args.clip,
-        curriculum=curriculum,
-        detach_backbone=not args.full_backprop,
-        gate_weight=args.gate_weight,
-        contrastive_weight=args.contrastive,
-        margin=args.margin,
-        max_write_tokens=args.max_write_tokens,
-        dtype=args.dtype,
-        device=args.device,
-        threads=args.threads,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_minutes=args.checkpoint_minutes,
-        dev_episodes=args.dev_episodes,
-        progress=not args.no_progress and os.environ.get("RANK", "0") == "0",
-    )
     import torch
 
     from deltamem_agents.models.backbone_zoo import load_backbone
+    from deltamem_agents.train.trainer import export_adapter, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    device = args.device
+    config = config_from_args(args)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    device = config.device
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under accelerate launch
-    model, tokenizer = load_backbone(args.backbone, device=device, dtype=dtype)
+    model, tokenizer = load_backbone(config.backbone, device=device, dtype=dtype)
     state = train(config, model=model, tokenizer=tokenizer, resume=args.resume)
     last = state["history"][-1] if state["history"] else {}
     print(json.dumps({"step": state["step"], "last": last, "dev": state.get("dev")}, indent=1))

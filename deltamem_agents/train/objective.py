@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from deltamem_agents.core.attach import attachment_of
-from deltamem_agents.core.backbones import resolve
+from deltamem_agents.core.attach import attachment_of, attention_modules, decoder_of
 from deltamem_agents.core.cache import DeltaMemCache
+from deltamem_agents.serving import write_schedule
 from deltamem_agents.train.batching import IGNORE, Batch
 
 
@@ -28,67 +28,67 @@ class LossParts:
 
 
 def write_pass(model, batch: Batch, detach_backbone: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Write the histories into fresh memories.
+    """Write the histories into fresh memories through the write schedule (the chat's write path).
 
     Returns ``(states, betas)``: per memory layer the final state (B, H, r, r) with autograd graph to the memory
     parameters, and the mean write gate (scalar) over the real tokens.
 
     With ``detach_backbone`` the backbone runs without graph; each layer's state is then recomputed from that
-    layer's (detached) attention inputs, so gradients reach the memory projections and gates through the state
-    but not through the backbone's earlier layers (cheaper; the paper backpropagates through everything).
+    layer's (detached) attention inputs, call by call, so gradients reach the memory projections and gates
+    through the state but not through the backbone's earlier layers (cheaper; the paper backpropagates through
+    everything). The forward values are the same either way.
     """
     attachment = attachment_of(model)
-    decoder = resolve(model, attachment.spec.base_model)
-    inputs: dict[int, torch.Tensor] = {}
+    cfg = attachment.config
+    device = attachment.device(model)
+    empty = [torch.zeros(batch.size, cfg.num_heads, cfg.rank, cfg.rank, device=device) for _ in attachment.modules]
+    inputs: list[list[torch.Tensor]] = [[] for _ in attachment.modules]  # per layer, per call: (B', T, d)
     handles = []
-    for position in range(len(attachment.modules)):
-        attention = module_parent(model, attachment, position)
+    for position, attention in enumerate(attention_modules(model)):
 
         def capture(mod, args, kwargs, position=position):
-            inputs[position] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, d)
+            inputs[position].append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
         handles.append(attention.register_forward_pre_hook(capture, with_kwargs=True))
-    cache = DeltaMemCache(model, writes=True)
-    mask = batch.write_mask
     try:
-        if attachment.config.write == "segment":
-            cache.set_segment_ids(batch.write_segments)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_backbone):
-            decoder(input_ids=batch.write_ids, attention_mask=mask.long(), cache=cache, use_cache=True)
+            states = write_schedule.run_write_calls(model, list(batch.write_calls), empty)
     finally:
         for handle in handles:
             handle.remove()
-    states, betas = [], []
-    token_mask = mask.to(torch.float32)[:, :, None]  # (B, T, 1)
+    if detach_backbone:
+        states = [
+            _rewrite_layer(module, batch.write_calls, [x.detach() for x in inputs[position]], empty[position])
+            for position, module in enumerate(attachment.modules)
+        ]
+    betas = []
     for position, module in enumerate(attachment.modules):
-        x = inputs[position]
-        if detach_backbone:
-            x = x.detach()
-            zero = x.new_zeros(x.shape[0], module.config.num_heads, module.config.rank, module.config.rank)
-            _, state = module.read_write(
-                x, zero.float(), True, mask=None if bool(mask.all()) else mask, segment_ids=batch.write_segments
-            )
-        else:
-            state = cache.carrier.states[position]
-        beta = torch.sigmoid(F.linear(x.to(module.beta_proj.dtype), module.beta_proj, module.beta_bias))  # (B,T,R)
-        betas.append((beta * token_mask).sum() / (token_mask.sum() * beta.shape[-1]).clamp_min(1))
-        states.append(state)
+        total, count = 0.0, 0.0
+        for call, x in zip(batch.write_calls, inputs[position]):
+            beta = module.project(x)[3].flatten(2)  # (B', T, R)
+            real = call.mask.to(device=beta.device, dtype=beta.dtype)[:, :, None]  # (B', T, 1)
+            total = total + (beta * real).sum()
+            count = count + float(real.sum()) * beta.shape[-1]
+        betas.append(total / max(count, 1.0) if count else torch.zeros((), device=device))
     return states, betas
 
 
-def module_parent(model, attachment, position: int):
-    from deltamem_agents.core.attach import _attention
-
-    return _attention(model, attachment.spec, attachment.layers[position])
+def _rewrite_layer(module, calls, inputs: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """One layer's state after ``calls``, recomputed from its recorded attention inputs: ``(B, H, r, r)``."""
+    state = empty
+    for call, x in zip(calls, inputs):
+        rows, mask = call.rows.to(state.device), call.mask.to(state.device)
+        segments = torch.where(mask, 0, -1) if module.config.write == "segment" else None  # (B', T)
+        padded = None if bool(mask.all()) else mask
+        _, after = module.read_write(x, state.index_select(0, rows), True, mask=padded, segment_ids=segments)
+        state = state.index_copy(0, rows, after)
+    return state
 
 
 def answer_losses(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tensor:
     """Per-example mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,)."""
-    attachment = attachment_of(model)
-    decoder = resolve(model, attachment.spec.base_model)
-    cache = DeltaMemCache(model, writes=False)
-    cache.carrier.states = list(states)
-    hidden = decoder(
+    cache = DeltaMemCache.from_states(model, states, writes=False)
+    hidden = decoder_of(model)(
         input_ids=batch.read_ids, attention_mask=batch.read_mask.long(), cache=cache, use_cache=True
     ).last_hidden_state  # (B, T, d)
     targets = batch.labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
@@ -123,7 +123,7 @@ def batch_loss(
     gate = torch.stack([(b - gate_target) ** 2 for b in betas]).mean()
     use_wrong = batch.size > 1 and (control or contrastive_weight > 0)
     if use_wrong:
-        both = Batch(*(torch.cat([getattr(batch, f)] * 2) for f in batch.__dataclass_fields__))
+        both = batch.reads_twice()
         wrong = [s.roll(1, dims=0) for s in states]
         if contrastive_weight == 0:
             wrong = [s.detach() for s in wrong]

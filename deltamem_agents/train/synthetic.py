@@ -268,7 +268,6 @@ ACKS = (
     "Okay, good to know.",
     "I'll keep that in mind.",
 )
-SYSTEM_PROMPT = "Answer from memory with only the requested detail."
 LEVELS = {
     0: dict(facts=(1, 1), after=(0, 0), sessions=(1, 1)),
     1: dict(facts=(1, 1), after=(1, 3), sessions=(1, 1)),

@@ -14,11 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from deltamem_agents.core.adapter import save_adapter
 from deltamem_agents.core.attach import attach_memory, has_memory, memory_parameters
 from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.models import DEFAULT_BACKBONE
+from deltamem_agents.serving.prompts import SYSTEM_PROMPT
 from deltamem_agents.train.batching import Example, collate, encode_example, length_sorted_batches
 from deltamem_agents.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from deltamem_agents.train.episodes import load_episodes
 from deltamem_agents.train.objective import batch_loss
-from deltamem_agents.train.synthetic import SYSTEM_PROMPT, SyntheticEpisodes
+from deltamem_agents.train.synthetic import SyntheticEpisodes
 
 
 class TrainConfig(BaseModel):
@@ -31,7 +33,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     memory: DeltaMemConfig = DeltaMemConfig()
-    backbone: str = "smollm2-135m-instruct"
+    backbone: str = DEFAULT_BACKBONE
     data: str | None = None
     split_seed: int = 0
     seed: int = 0

@@ -14,6 +14,8 @@ import platform
 import time
 from pathlib import Path
 
+from deltamem_agents.models import DEFAULT_BACKBONE
+
 REQUESTS = [
     ("My monitor flickers all the time, please open a ticket.", "create_ticket"),
     ("Please create a ticket: the VPN disconnects every hour.", "create_ticket"),
@@ -36,7 +38,7 @@ REQUESTS = [
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="smollm2-135m-instruct")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--out", default="docs/tool-choice")
     args = parser.parse_args(argv)
 
