@@ -90,27 +90,21 @@ def test_packed_corrections_equal_each_correction(grad):
             assert memory.delta_q_proj.grad is not None and memory.delta_o_proj.grad is not None
 
 
-def test_add_correction_equals_output_plus_correction_and_follows_weight_updates():
+def test_packed_weights_are_cached_under_no_grad_and_follow_weight_updates():
     memory = layer()
     reads = torch.randn(2, 3, memory.config.read_dim, dtype=torch.float64)
-    output = torch.randn(2, 3, SHAPES.q_out, dtype=torch.float64)
+    x = torch.randn(1, 2, SHAPES.hidden, dtype=torch.float64)
     with torch.no_grad():
-        for name in ("q", "o"):
-            out = output if name == "q" else torch.randn(2, 3, SHAPES.o_out, dtype=torch.float64)
-            assert rel_err(memory.add_correction(name, reads, out), out + memory.correction(name, reads)) < 1e-13
-        before = memory.add_correction("q", reads, output)
-        memory.delta_q_proj.mul_(3.0)  # an in-place update (an optimizer step) must invalidate the cached weight
+        assert memory.packed_weights() is memory.packed_weights()  # one build while nothing changes
+        before = memory.corrections(reads)["q"].clone()
+        memory.delta_q_proj.mul_(3.0)  # an in-place update (an optimizer step) must invalidate the cache
         memory.memory_q_proj.add_(1.0)
-        after = memory.add_correction("q", reads, output)
-        assert rel_err(after, output + memory.correction("q", reads)) < 1e-13
+        after = memory.corrections(reads)["q"]
+        assert rel_err(after, memory.correction("q", reads)) < 1e-13
         assert not torch.allclose(before, after)
-        assert (
-            rel_err(
-                memory.project(reads.new_ones(1, 1, SHAPES.hidden))[0],
-                memory.project_reference(reads.new_ones(1, 1, SHAPES.hidden))[0],
-            )
-            < 1e-13
-        )
+        assert rel_err(memory.project(x)[0], memory.project_reference(x)[0]) < 1e-13
+    with torch.enable_grad():  # with autograd the packed weights are built from the parameters per call
+        assert memory.packed_weights().projection.requires_grad
 
 
 @pytest.fixture
@@ -131,14 +125,15 @@ def test_fused_cpu_decode_kernel_equals_the_token_loop(cpu_kernel, write, forget
     x = torch.randn(3, 1, SHAPES.hidden)
     state = torch.randn(3, h, r, r)
     with torch.no_grad():
-        deltas, new_state = memory.decode_fused(x, state)
+        assert memory.path_for(x, state, True, None).value == "fused_cpu"
+        deltas, new_state = memory(x, state, True)
         q, k, v, beta, lam = memory.project_reference(x)
         ref_state, ref_reads = delta_scan_recurrent(state, q, k, v, beta, lam=lam)
         for name in memory.corrected:
             assert rel_err(deltas[name], memory.correction(name, ref_reads.reshape(3, 1, -1))) < 1e-5
     assert rel_err(new_state, ref_state) < 1e-5
     with torch.enable_grad():  # never under autograd: the kernel has no backward
-        assert memory.decode_fused(x, state) is None
+        assert memory.path_for(x, state, True, None).value == "step"
 
 
 def test_fused_kernel_in_a_model_matches_pure_torch_decoding(cpu_kernel):

@@ -5,10 +5,13 @@ forward hooks; ``detach_memory`` removes both, so the original modules are exact
 
 Per forward call:
   decoder pre-hook   -> find the cache's carrier, the current tokens' padding mask; open a CallContext
-  attention pre-hook -> reads, new state = MemoryLayer.read_write(x, state)   (x = attention input)
+  attention pre-hook -> corrections, new state = memory(x, state, writes, mask, segment_ids)   (x = attention input)
   q (k, v) hook      -> output + scale * W_dq read        (before q-norm and RoPE, which run after q_proj)
   o hook             -> output + scale * W_do read
   decoder post-hook  -> close the CallContext (also on exceptions)
+
+Public helpers for code that drives the decoder itself (training, evaluation): :func:`decoder_of`,
+:func:`attention_modules`.
 """
 
 from dataclasses import dataclass, field
@@ -134,12 +137,15 @@ def memory_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The base decoder of ``model`` (the transformer without its LM head; its forward hooks carry the memory)."""
-    return resolve(model, attachment_of(model).spec.base_model)
+    """The base decoder of a supported causal LM, without the LM head (e.g. ``model.model`` for llama).
+
+    Calling it with a DeltaMemCache reads and writes the memory like ``model(...)`` but skips the vocabulary
+    projection: what a write pass needs."""
+    return resolve(model, backbone_spec(model).base_model)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention modules that carry memory, in the order of the memory layers (``Attachment.layers``)."""
+    """The attention modules that carry memory, in layer order (``module.deltamem`` is each one's MemoryLayer)."""
     attachment = attachment_of(model)
     return [_attention(model, attachment.spec, index) for index in attachment.layers]
 
@@ -197,60 +203,34 @@ def _decoder_post_hook(module, args, output):
 
 
 def _hook_attention(attention: nn.Module, memory: MemoryLayer, spec: BackboneSpec, position: int) -> list:
-    fusable = spec.fused_qkv is None  # separate q/k/v modules: corrections are whole projection outputs
-
     def pre_hook(module, args, kwargs):
         context = CURRENT_CALL.get()
         if context is None:
             return None  # attention called outside its decoder: behave as the plain backbone
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, d)
         carrier = context.carrier
-        state = carrier.states[position]
+        state = _state_for(carrier, position, x, memory)  # (B, H, r, r) or None
         if state is None:
-            if not carrier.writes:
-                return None  # empty memory, no writes: every read is exactly 0
-            cfg = memory.config
-            state = x.new_zeros(x.shape[0], cfg.num_heads, cfg.rank, cfg.rank, dtype=torch.float32)
-        elif state.shape[0] != x.shape[0]:
-            if state.shape[0] != 1:
-                raise ConfigError(f"memory state has batch {state.shape[0]} but the input has batch {x.shape[0]}")
-            state = state.expand(x.shape[0], -1, -1, -1)
-        if fusable and carrier.writes and context.mask is None and x.shape[1] == 1:
-            fused = memory.decode_fused(x, state)  # None unless the fused CPU kernel is enabled and applies
-            if fused is not None:
-                context.deltas[position], carrier.states[position] = fused
-                return None
-        reads, new_state = memory.read_write(
-            x, state, carrier.writes, mask=context.mask, segment_ids=context.segment_ids
-        )  # (B, T, R), (B, H, r, r)
-        carrier.states[position] = new_state
-        if fusable:  # all corrections in one matmul; the projection hooks only add their slice
-            context.deltas[position] = memory.corrections(reads)
-        else:
-            context.reads[position] = reads
+            return None  # empty memory, no writes: every read is exactly 0
+        context.deltas[position], carrier.states[position] = memory(
+            x, state, carrier.writes, context.mask, context.segment_ids
+        )  # {name: (B, T, out)}, (B, H, r, r)
         return None
 
     def post_hook(module, args, output):
         context = CURRENT_CALL.get()
         if context is not None:
-            context.reads.pop(position, None)
             context.deltas.pop(position, None)
 
     def correct(name: str, columns: slice | None = None):
         def hook(module, args, output):
             context = CURRENT_CALL.get()
-            if context is None:
+            deltas = context.deltas.get(position) if context is not None else None
+            if deltas is None:
                 return None
-            deltas = context.deltas.get(position)
-            if deltas is not None:  # computed by the pre-hook (one matmul) or by the fused decode kernel
-                delta = deltas[name]  # (B, T, out)
-                return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
-            reads = context.reads.get(position)
-            if reads is None:
-                return None
+            delta = deltas[name].to(output.dtype)  # (B, T, out)
             if columns is None:
-                return memory.add_correction(name, reads, output)  # (B, T, out)
-            delta = memory.correction(name, reads).to(output.dtype)  # (B, T, out)
+                return output + delta
             return torch.cat(
                 [output[..., : columns.start], output[..., columns] + delta, output[..., columns.stop :]], -1
             )
@@ -275,3 +255,19 @@ def _hook_attention(attention: nn.Module, memory: MemoryLayer, spec: BackboneSpe
                 handles.append(getattr(attention, getattr(spec, name)).register_forward_hook(correct(name)))
     handles.append(getattr(attention, spec.o).register_forward_hook(correct("o")))
     return handles
+
+
+def _state_for(carrier: MemoryCarrier, position: int, x: torch.Tensor, memory: MemoryLayer) -> torch.Tensor | None:
+    """The state this call starts from ``(B, H, r, r)``: the carrier's (batch 1 broadcast to B), zeros when it is
+    empty and writes are on, or None when it is empty and writes are off (every read would be 0)."""
+    state = carrier.states[position]
+    if state is None:
+        if not carrier.writes:
+            return None
+        cfg = memory.config
+        return x.new_zeros(x.shape[0], cfg.num_heads, cfg.rank, cfg.rank, dtype=torch.float32)
+    if state.shape[0] != x.shape[0]:
+        if state.shape[0] != 1:
+            raise ConfigError(f"memory state has batch {state.shape[0]} but the input has batch {x.shape[0]}")
+        state = state.expand(x.shape[0], -1, -1, -1)
+    return state

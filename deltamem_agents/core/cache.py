@@ -27,14 +27,34 @@ class DeltaMemCache(DynamicCache):
         setattr(self, CARRIER_ATTRIBUTE, MemoryCarrier(states=states, writes=writes))
 
     @classmethod
-    def from_states(cls, model, states: list[torch.Tensor], writes: bool = True) -> "DeltaMemCache":
-        """A cache over live per-layer states ``L x (B, H, r, r)`` (kept as given, autograd included): what
-        training uses to write or read a memory that must stay differentiable."""
+    def from_states(
+        cls, model, states: list[torch.Tensor | None], writes: bool = True, segment_ids: torch.Tensor | None = None
+    ) -> "DeltaMemCache":
+        """A cache over live per-layer state tensors, keeping their autograd graph (no copy, no detach).
+
+        Args:
+            model: the model with memory attached.
+            states: one ``(B, H, r, r)`` tensor per memory layer, in layer order (None: the empty state), e.g.
+                the states a write pass left on another cache, still attached to the memory parameters.
+            writes: whether forward calls through this cache write the memory.
+            segment_ids: optional message ids for the next call (segment strategy, see :meth:`set_segment_ids`).
+
+        Training uses it to read, with writes off, the states a write pass produced and backpropagate the
+        answer loss through them into the write."""
         cache = cls(model, writes=writes)
-        attachment = cache._attachment
-        if len(states) != len(attachment.layers):
-            raise DeltaMemError(f"{len(states)} states given for {len(attachment.layers)} memory layers")
+        cfg = cache._attachment.config
+        if len(states) != len(cache._attachment.layers):
+            raise DeltaMemError(f"from_states: got {len(states)} states for {len(cache._attachment.layers)} layers")
+        for position, state in enumerate(states):
+            if state is not None and (
+                state.dim() != 4 or tuple(state.shape[1:]) != (cfg.num_heads, cfg.rank, cfg.rank)
+            ):
+                raise DeltaMemError(
+                    f"from_states: state {position} must be (B, {cfg.num_heads}, {cfg.rank}, {cfg.rank}), "
+                    f"got {tuple(state.shape)}"
+                )
         cache.carrier.states = list(states)
+        cache.carrier.segment_ids = segment_ids
         return cache
 
     @property

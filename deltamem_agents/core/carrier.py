@@ -29,14 +29,12 @@ class MemoryCarrier:
 
 @dataclass
 class CallContext:
-    """What the hooks of one forward call share: the carrier, the current tokens' padding mask and the reads
-    or the finished corrections (one matmul, or the fused CPU decode kernel) computed by each attention layer's
-    pre-hook for its projection hooks."""
+    """What the hooks of one forward call share: the carrier, the current tokens' padding mask and the
+    corrections each attention layer's pre-hook computed (``MemoryLayer.forward``) for its projection hooks."""
 
     carrier: MemoryCarrier
     mask: torch.Tensor | None  # (B, T) true for real tokens, or None when nothing is padded
     segment_ids: torch.Tensor | None  # (B, T) or None
-    reads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer position -> (B, T, R)
     deltas: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # position -> {name: (B, T, out)}
 
 

@@ -1,16 +1,22 @@
-"""MemoryLayer: the δ-mem parameters of one attention layer, and its read / write computations.
+"""MemoryLayer: the δ-mem parameters of one attention layer, and its one forward (read, write, corrections).
 
 The module holds parameters only. The state S is passed in and returned, never stored here, so one backbone
 can serve many conversations at once.
 
-Fast paths (each tested against the reference beside it): the 4-5 input projections run as ONE matmul with a
-packed weight, and the corrections add into the projection output with one ``addmm`` using a pre-scaled weight.
-Under ``torch.no_grad`` the packed weights are cached and rebuilt only when a parameter changes (its data pointer
-or in-place version counter moves: optimizer steps, ``load_state_dict``, ``.to``); with gradients they are built
-per call so autograd sees the parameters. A one-token call with writes on (decoding) uses ``delta_step``.
+    corrections, new_state = memory(x, state, writes, mask, segment_ids)
+
+``forward`` picks ONE compute path from :func:`choose_path` (the whole table is that function), runs it, and
+turns the reads into the corrections ``{name: (B, T, out)}`` of the corrected projections. Beside it,
+:meth:`MemoryLayer.forward_reference` is the plain form (one matmul per projection, the token loop, a loop over
+messages): every fast path is tested against it (corrections, states and gradients).
+
+Fast-path details: the 4-5 input projections run as ONE matmul with a packed weight, and all corrections come
+from ONE matmul with a packed, pre-scaled weight (see :class:`PackedWeights`).
 """
 
 import math
+from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,69 @@ from deltamem_agents.core.ops.validation import compute_dtype
 # Below this many tokens the token loop is cheaper than the chunked form (decode is T = 1).
 RECURRENT_MAX_TOKENS = 8
 NORM_EPS = 1e-6
+
+
+class ComputePath(StrEnum):
+    """The compute paths of one memory call (docs/memory.md, "Compute paths", says which serves what)."""
+
+    READ = "read"  # writes off: query projection + r x r read (the chat's decode and read prefill)
+    STEP = "step"  # one token, writes on, no padding: delta_step (generate() with writes on)
+    FUSED_CPU = "fused_cpu"  # STEP in one call of the optional C++ kernel (ops.cpu_decode)
+    RECURRENT = "recurrent"  # <= RECURRENT_MAX_TOKENS tokens, writes on: the token loop
+    CHUNKED = "chunked"  # longer writes (prefill, training with autograd): the chunk-parallel scan
+    GPU_PLUGIN = "gpu_plugin"  # CHUNKED on CUDA through an optional plugin kernel (ops.kernels)
+    SEGMENT = "segment"  # SSW with writes on: read the pre-call state, ONE write per message
+
+
+def choose_path(
+    write: str,
+    length: int,
+    writes: bool,
+    padded: bool,
+    cuda: bool = False,
+    cpu_kernel: bool = False,
+    gpu_kernel: bool = False,
+) -> ComputePath:
+    """The one table of compute paths.
+
+    Args:
+        write: the config's write strategy (``token``, ``segment`` or ``multi``).
+        length: T, tokens in this call.
+        writes: whether this call writes the state.
+        padded: whether some tokens are padding (a mask is given).
+        cuda: the tensors are on a CUDA device.
+        cpu_kernel: the fused CPU decode kernel is enabled, built and applies to these tensors.
+        gpu_kernel: an optional GPU scan plugin is installed and enabled.
+    """
+    if not writes:
+        return ComputePath.READ
+    if write == "segment":
+        return ComputePath.SEGMENT
+    if length == 1 and not padded:
+        return ComputePath.FUSED_CPU if cpu_kernel else ComputePath.STEP
+    if length <= RECURRENT_MAX_TOKENS:
+        return ComputePath.RECURRENT
+    if cuda and gpu_kernel:
+        return ComputePath.GPU_PLUGIN
+    return ComputePath.CHUNKED
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """The layer's weights packed for the fast paths (built from the parameters; never trained directly).
+
+    Attributes:
+        projection: ``(n*R, d)`` memory q, k, v, beta [, lambda] weights stacked (n = 4 or 5).
+        bias: ``(n*R,)`` zeros for q, k, v, then b_beta [, b_lambda].
+        corrections: ``(R, sum out)`` every correction weight times the scale, stacked in ``corrected`` order
+            and transposed, so ``reads @ corrections`` gives all corrections at once.
+        sizes: the output size of each corrected projection (to split that product).
+    """
+
+    projection: torch.Tensor
+    bias: torch.Tensor
+    corrections: torch.Tensor
+    sizes: tuple[int, ...]
 
 
 class MemoryLayer(nn.Module):
@@ -57,11 +126,17 @@ class MemoryLayer(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         for weight in (self.memory_q_proj, self.memory_k_proj, self.memory_v_proj):
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        # The packed-weight cache (see packed_weights): (key of the parameters it was built from, PackedWeights).
+        self._packed_cache: tuple[tuple, PackedWeights] | None = None
 
     @property
     def corrected(self) -> tuple[str, ...]:
         """The projections this layer corrects: ('q', 'o') or ('q', 'k', 'v', 'o')."""
         return tuple(self.config.corrections)
+
+    @property
+    def separate_forget_gate(self) -> bool:
+        return self.config.forget_gate == "separate"
 
     @torch.no_grad()
     def init_corrections(self, base_weights: dict[str, torch.Tensor]) -> None:
@@ -77,82 +152,17 @@ class MemoryLayer(nn.Module):
             columns = F.normalize(base[:, :width].detach().float(), dim=0, eps=NORM_EPS)  # (out, width)
             target[:, :width].copy_(columns * self.config.correction_gain)
 
-    def _projection_parameters(self) -> list[nn.Parameter]:
-        params = [self.memory_q_proj, self.memory_k_proj, self.memory_v_proj, self.beta_proj, self.beta_bias]
-        if self.config.forget_gate == "separate":
-            params += [self.lambda_proj, self.lambda_bias]
-        return params
+    # the one forward
 
-    def _cached(self, slot: str, params: list[torch.Tensor], build):
-        """``build()`` cached under no-grad until one of ``params`` changes; rebuilt per call with gradients."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return build()
-        key = [(p._version, p.data_ptr()) for p in params]
-        key.append(torch.is_inference_mode_enabled())  # inference tensors must not leak into autograd code
-        cache = self.__dict__.setdefault("_fast_cache", {})
-        hit = cache.get(slot)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = (key, build())
-            cache[slot] = hit
-        return hit[1]
-
-    def packed_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W, b)``: q, k, v, beta [, lambda] weights stacked ``(n*R, d)`` and their biases ``(n*R,)``."""
-
-        def build():
-            params = self._projection_parameters()
-            weights = [params[0], params[1], params[2], params[3]] + params[5:6]
-            zeros = params[4].new_zeros(3 * self.config.read_dim)
-            biases = [zeros, params[4]] + params[6:7]
-            return torch.cat(weights, dim=0), torch.cat(biases, dim=0)
-
-        return self._cached("projection", self._projection_parameters(), build)
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Memory vectors and gates of each position: q, k, v, beta, lam, each (B, T, H, r) in float32+.
-
-        One matmul with the packed weight; equals :meth:`project_reference` up to float rounding."""
-        h, r, width = self.config.num_heads, self.config.rank, self.config.read_dim
-        weight, bias = self.packed_projection()  # (n*R, d), (n*R,)
-        z = F.linear(x.to(weight.dtype), weight, bias)  # (B, T, n*R)
-        lead = z.shape[:-1]
-        qk = F.normalize(torch.tanh(z[..., : 2 * width]).view(*lead, 2, h, r), dim=-1, eps=NORM_EPS)  # (B,T,2,H,r)
-        v = z[..., 2 * width : 3 * width].view(*lead, h, r)  # (B, T, H, r)
-        gates = torch.sigmoid(z[..., 3 * width :]).view(*lead, -1, h, r)  # (B, T, 1 or 2, H, r)
-        lam = gates[..., 1, :, :] if self.config.forget_gate == "separate" else None
-        return qk[..., 0, :, :], qk[..., 1, :, :], v, gates[..., 0, :, :], lam
-
-    def project_query(self, x: torch.Tensor) -> torch.Tensor:
-        """Only the read query q ``(B, T, H, r)``: all a call with writes off needs."""
-        x = x.to(self.memory_q_proj.dtype)  # (B, T, d)
-        q = torch.tanh(F.linear(x, self.memory_q_proj))  # (B, T, R)
-        return F.normalize(q.view(*x.shape[:-1], self.config.num_heads, self.config.rank), dim=-1, eps=NORM_EPS)
-
-    def project_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The plain form of :meth:`project`: one matmul per projection, as METHOD.md writes it."""
-        h, r = self.config.num_heads, self.config.rank
-        x = x.to(self.memory_q_proj.dtype)  # (B, T, d)
-        shape = (*x.shape[:-1], h, r)
-        q = F.normalize(torch.tanh(F.linear(x, self.memory_q_proj)).view(shape), dim=-1, eps=NORM_EPS)
-        k = F.normalize(torch.tanh(F.linear(x, self.memory_k_proj)).view(shape), dim=-1, eps=NORM_EPS)
-        v = F.linear(x, self.memory_v_proj).view(shape)  # (B, T, H, r)
-        beta = torch.sigmoid(F.linear(x, self.beta_proj, self.beta_bias)).view(shape)  # (B, T, H, r)
-        if self.config.forget_gate == "separate":
-            lam = torch.sigmoid(F.linear(x, self.lambda_proj, self.lambda_bias)).view(shape)
-        else:
-            lam = None  # the scan uses 1 - beta
-        return q, k, v, beta, lam
-
-    def read_write(
+    def forward(
         self,
         x: torch.Tensor,
         state: torch.Tensor,
         writes: bool,
         mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read the memory for every position of ``x`` and (if ``writes``) write it.
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Read the memory for every position of ``x``, write it (if ``writes``), and return the corrections.
 
         Args:
             x: ``(B, T, d)`` attention input (hidden state after the layer's input norm).
@@ -162,101 +172,176 @@ class MemoryLayer(nn.Module):
             segment_ids: ``(B, T)`` message index per token for the ``segment`` strategy (-1: not written).
 
         Returns:
-            ``(reads, new_state)``: reads ``(B, T, R)`` in float32+, new_state ``(B, H, r, r)``.
+            ``(corrections, new_state)``: ``{name: (B, T, out)}`` per corrected projection (float32+, views of
+            one tensor; add them to the projection outputs) and the new state ``(B, H, r, r)``.
         """
+        path = self.path_for(x, state, writes, mask)
+        if path is ComputePath.FUSED_CPU:
+            return self._step_fused_cpu(x, state)
+        reads, new_state = self._read_write(path, x, state, mask, segment_ids)  # (B, T, R), (B, H, r, r)
+        return self.corrections(reads), new_state
+
+    def path_for(
+        self, x: torch.Tensor, state: torch.Tensor, writes: bool, mask: torch.Tensor | None, fused: bool = True
+    ) -> ComputePath:
+        """The :func:`choose_path` entry for these tensors (``fused=False`` excludes the fused CPU kernel)."""
+        length = x.shape[1]
+        cpu_kernel = (
+            fused
+            and writes
+            and length == 1
+            and cpu_decode.usable_for(x, state)
+            and self.memory_q_proj.dtype == torch.float32
+            and cpu_decode.kernel() is not None
+        )
+        gpu_kernel = x.is_cuda and writes and length > RECURRENT_MAX_TOKENS and gpu_scan_kernel() is not None
+        return choose_path(self.config.write, length, writes, mask is not None, x.is_cuda, cpu_kernel, gpu_kernel)
+
+    def read_write(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor,
+        writes: bool,
+        mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` without the corrections: ``(reads (B, T, R) float32+, new_state (B, H, r, r))``."""
+        path = self.path_for(x, state, writes, mask, fused=False)
+        return self._read_write(path, x, state, mask, segment_ids)
+
+    def _read_write(
+        self,
+        path: ComputePath,
+        x: torch.Tensor,
+        state: torch.Tensor,
+        mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length = x.shape[:2]
-        if writes and self.config.write != "segment" and length == 1 and mask is None:  # decoding: one token
+        if path is ComputePath.STEP:
             return self.decode_step(x, state)
-        if writes and self.config.write != "segment":
-            q, k, v, beta, lam = self.project(x)
-            scan = delta_scan_recurrent if length <= RECURRENT_MAX_TOKENS else delta_scan_chunked
-            if scan is delta_scan_chunked and q.is_cuda:
-                scan = gpu_scan_kernel() or scan  # an optional plugin kernel (e.g. deltamem-fla)
-            extra = {"chunk_size": self.config.chunk_size} if scan is delta_scan_chunked else {}
-            new_state, reads = scan(state, q, k, v, beta, mask=mask, lam=lam, **extra)
+        if path in (ComputePath.READ, ComputePath.SEGMENT):  # every token reads the state from before the call
+            q = self.project_query(x)  # (B, T, H, r)
+            reads = torch.einsum("bhij,bthj->bthi", state.to(q.dtype), q)  # (B, T, H, r)
+            if mask is not None:
+                reads = reads * mask.to(reads.dtype)[:, :, None, None]
+            new_state = self.write_segments(x, state, mask, segment_ids) if path is ComputePath.SEGMENT else state
             return reads.reshape(batch, length, -1), new_state
-        q = self.project_query(x)  # (B, T, H, r)   writes off (or SSW): only the query is needed
-        reads = torch.einsum("bhij,bthj->bthi", state.to(q.dtype), q)  # (B, T, H, r)
-        if mask is not None:
-            reads = reads * mask.to(reads.dtype)[:, :, None, None]
-        new_state = state
-        if writes:  # segment strategy: every token read the state from before the call
-            new_state = self.write_segments(x, state, mask, segment_ids)
-        return reads.reshape(batch, length, -1), new_state
+        q, k, v, beta, lam = self.project(x)  # (B, T, H, r) each; lam None when tied
+        if path is ComputePath.RECURRENT:
+            new_state, reads = delta_scan_recurrent(state, q, k, v, beta, mask=mask, lam=lam)
+        else:  # CHUNKED, GPU_PLUGIN: same contract; the plugin may ignore chunk_size
+            scan = gpu_scan_kernel() if path is ComputePath.GPU_PLUGIN else delta_scan_chunked
+            new_state, reads = scan(state, q, k, v, beta, mask=mask, lam=lam, chunk_size=self.config.chunk_size)
+        return reads.reshape(batch, length, -1), new_state  # (B, T, R), (B, H, r, r)
 
-    def decode_step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`read_write` for ONE token with writes on (token and multi strategies), in few tensor ops.
+    # projections
 
-        Args: x ``(B, 1, d)``, state ``(B, H, r, r)``. Returns reads ``(B, 1, R)`` and the new state."""
-        h, r, width = self.config.num_heads, self.config.rank, self.config.read_dim
-        weight, bias = self.packed_projection()  # (n*R, d), (n*R,)
-        z = F.linear(x[:, 0].to(weight.dtype), weight, bias)  # (B, n*R)
-        qk = torch.tanh(z[:, : 2 * width]).view(-1, 2, h, r)  # (B, 2, H, r)
-        qk = qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(NORM_EPS)  # = F.normalize
-        gates = torch.sigmoid(z[:, 3 * width :]).view(-1, z.shape[-1] // width - 3, h, r)  # (B, 1 or 2, H, r)
-        lam = gates[:, 1] if self.config.forget_gate == "separate" else None
-        v = z[:, 2 * width : 3 * width].view(-1, h, r)  # (B, H, r)
-        if state.dtype != z.dtype:
-            dtype = compute_dtype(state, z)
-            state, qk, v, gates = state.to(dtype), qk.to(dtype), v.to(dtype), gates.to(dtype)
-            lam = lam.to(dtype) if lam is not None else None
-        new_state, read = delta_step(state, qk[:, 0], qk[:, 1], v, gates[:, 0], lam)  # (B, H, r, r), (B, H, r)
-        return read.view(x.shape[0], 1, width), new_state
+    def packed_weights(self) -> PackedWeights:
+        """The :class:`PackedWeights` of the current parameters.
 
-    def packed_corrections(self) -> torch.Tensor:
-        """Every correction weight times the scale, stacked in ``corrected`` order and transposed: ``(R, sum out)``."""
-        weights = [getattr(self, f"delta_{name}_proj") for name in self.corrected]  # (out, R) each
-        return self._cached(
-            "corrections", weights, lambda: (self.config.scale * torch.cat(weights, 0)).t().contiguous()
+        Under ``torch.no_grad`` (serving) they are cached on the module and rebuilt only when a parameter
+        changes: its in-place version counter (optimizer steps, ``copy_``) or its data pointer (``.to``,
+        ``load_state_dict`` with assign) moves. With gradients they are built per call, so autograd sees the
+        parameters."""
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._build_packed()
+        # Inference-mode tensors must not leak into code that runs with autograd later: part of the key.
+        key = (torch.is_inference_mode_enabled(), *((p._version, p.data_ptr()) for p in params))
+        if self._packed_cache is None or self._packed_cache[0] != key:
+            with torch.no_grad():
+                self._packed_cache = (key, self._build_packed())
+        return self._packed_cache[1]
+
+    def _build_packed(self) -> PackedWeights:
+        weights = [self.memory_q_proj, self.memory_k_proj, self.memory_v_proj, self.beta_proj]  # (R, d) each
+        biases = [self.beta_bias.new_zeros(3 * self.config.read_dim), self.beta_bias]
+        if self.separate_forget_gate:
+            weights.append(self.lambda_proj)
+            biases.append(self.lambda_bias)
+        deltas = [getattr(self, f"delta_{name}_proj") for name in self.corrected]  # (out, R) each
+        return PackedWeights(
+            projection=torch.cat(weights, dim=0),  # (n*R, d)
+            bias=torch.cat(biases, dim=0),  # (n*R,)
+            corrections=(self.config.scale * torch.cat(deltas, dim=0)).t().contiguous(),  # (R, sum out)
+            sizes=tuple(d.shape[0] for d in deltas),
         )
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Memory vectors and gates: q, k, v, beta, lam, each ``(*lead, H, r)`` for ``x`` of ``(*lead, d)``.
+
+        One matmul with the packed weight; equals :meth:`project_reference` up to float rounding. ``lam`` is
+        None for the tied gate (the scans then use 1 - beta)."""
+        h, r, width = self.config.num_heads, self.config.rank, self.config.read_dim
+        packed = self.packed_weights()
+        z = F.linear(x.to(packed.projection.dtype), packed.projection, packed.bias)  # (*lead, n*R)
+        lead = z.shape[:-1]
+        qk = _unit(torch.tanh(z[..., : 2 * width]).view(*lead, 2, h, r))  # (*lead, 2, H, r)
+        v = z[..., 2 * width : 3 * width].view(*lead, h, r)  # (*lead, H, r)
+        gates = torch.sigmoid(z[..., 3 * width :]).view(*lead, -1, h, r)  # (*lead, 1 or 2, H, r)
+        lam = gates[..., 1, :, :] if self.separate_forget_gate else None
+        return qk[..., 0, :, :], qk[..., 1, :, :], v, gates[..., 0, :, :], lam
+
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the read query q ``(B, T, H, r)``: all a call with writes off needs."""
+        x = x.to(self.memory_q_proj.dtype)  # (B, T, d)
+        q = torch.tanh(F.linear(x, self.memory_q_proj))  # (B, T, R)
+        return _unit(q.view(*x.shape[:-1], self.config.num_heads, self.config.rank))  # (B, T, H, r)
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The write and forget gates ``(beta, lam)`` of every position, each ``(B, T, H, r)``.
+
+        ``lam`` is ``1 - beta`` for the tied gate. Training uses ``beta`` for the gate regulariser."""
+        shape = (*x.shape[:-1], self.config.num_heads, self.config.rank)
+        x = x.to(self.beta_proj.dtype)  # (B, T, d)
+        beta = torch.sigmoid(F.linear(x, self.beta_proj, self.beta_bias)).view(shape)  # (B, T, H, r)
+        if self.separate_forget_gate:
+            lam = torch.sigmoid(F.linear(x, self.lambda_proj, self.lambda_bias)).view(shape)  # (B, T, H, r)
+        else:
+            lam = 1.0 - beta
+        return beta, lam
+
     def corrections(self, reads: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every correction from one matmul with the packed weight: ``{name: (B, T, out)}`` (views of one tensor);
-        equals :meth:`correction` per name up to float rounding."""
-        packed = self.packed_corrections()  # (R, sum out)
-        sizes = self.__dict__.get("_correction_sizes")
-        if sizes is None:
-            sizes = self._correction_sizes = [getattr(self, f"delta_{n}_proj").shape[0] for n in self.corrected]
-        product = reads.to(packed.dtype) @ packed  # (B, T, sum out)
-        return dict(zip(self.corrected, product.split(sizes, dim=-1)))
+        """Every correction from one matmul with the packed weight: ``{name: (B, T, out)}`` (views of one
+        tensor); equals :meth:`correction` per name up to float rounding."""
+        packed = self.packed_weights()
+        product = reads.to(packed.corrections.dtype) @ packed.corrections  # (B, T, sum out)
+        return dict(zip(self.corrected, product.split(packed.sizes, dim=-1)))
 
-    def decode_fused(self, x: torch.Tensor, state: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
-        """One decoding token with writes on through the fused CPU kernel (see ``ops.cpu_decode``).
+    # one-token and segment writes
 
-        Args: x ``(B, 1, d)``, state ``(B, H, r, r)``. Returns ``({name: correction (B, 1, out)}, new_state)``, or
-        None when the kernel is disabled or not built, or the tensors are not float32 on the CPU."""
-        if not cpu_decode.usable_for(x, state):
-            return None
-        module = cpu_decode.kernel()
-        static = self.__dict__.get("_decode_static")
-        if static is None:  # per-layer constants, computed once: names, output sizes, heads, rank, gate kind
-            names = self.corrected
-            sizes = [getattr(self, f"delta_{n}_proj").shape[0] for n in names]
-            cfg = self.config
-            static = self._decode_static = (names, sizes, cfg.num_heads, cfg.rank, cfg.forget_gate == "separate")
-        if module is None or self.config.write == "segment" or self.memory_q_proj.dtype != torch.float32:
-            return None
-        names, sizes, heads, rank, separate = static
-        params = self._projection_parameters() + [getattr(self, f"delta_{n}_proj") for n in names]
+    def decode_step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read and write ONE token (token and multi strategies) with :func:`delta_step`.
 
-        def build():
-            weight, bias = self.packed_projection()
-            return weight, bias, self.packed_corrections()
+        Args: x ``(B, 1, d)``, state ``(B, H, r, r)``. Returns reads ``(B, 1, R)`` and the new state."""
+        q, k, v, beta, lam = self.project(x[:, 0])  # (B, H, r) each
+        if state.dtype != q.dtype:
+            dtype = compute_dtype(state, q)
+            state, q, k, v, beta = (t.to(dtype) for t in (state, q, k, v, beta))
+            lam = lam.to(dtype) if lam is not None else None
+        new_state, read = delta_step(state, q, k, v, beta, lam)  # (B, H, r, r), (B, H, r)
+        return read.view(x.shape[0], 1, self.config.read_dim), new_state
 
-        weight, bias, corrections = self._cached("decode", params, build)  # (n*R, d), (n*R,), (R, sum out)
-        *deltas, new_state = module.decode_step(
+    def _step_fused_cpu(self, x: torch.Tensor, state: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """ComputePath.FUSED_CPU: :meth:`decode_step` and the corrections in one call of the C++ kernel.
+
+        Args: x ``(B, 1, d)``, state ``(B, H, r, r)``; float32 on the CPU, no autograd (see ``path_for``)."""
+        packed = self.packed_weights()
+        cfg = self.config
+        *deltas, new_state = cpu_decode.kernel().decode_step(
             x,
-            weight,
-            bias,
+            packed.projection,
+            packed.bias,
             state,
-            corrections,
-            sizes,
-            heads,
-            rank,
-            separate,
+            packed.corrections,
+            list(packed.sizes),
+            cfg.num_heads,
+            cfg.rank,
+            self.separate_forget_gate,
             NORM_EPS,
         )  # (B, 1, out) per corrected projection, (B, H, r, r)
-        return dict(zip(names, deltas)), new_state
+        return dict(zip(self.corrected, deltas)), new_state
 
     def write_segments(
         self,
@@ -277,23 +362,69 @@ class MemoryLayer(nn.Module):
         onehot = (ids[..., None] == torch.arange(count, device=x.device)).to(self.memory_q_proj.dtype)  # (B,T,n)
         sizes = onehot.sum(dim=1)  # (B, n)
         means = onehot.transpose(1, 2) @ x.to(onehot.dtype) / sizes.clamp_min(1)[..., None]  # (B, n, d)
-        q, k, v, beta, lam = self.project(means)
+        q, k, v, beta, lam = self.project(means)  # (B, n, H, r) each
         new_state, _ = delta_scan_recurrent(state, q, k, v, beta, mask=sizes > 0, lam=lam)
         return new_state
+
+    # the plain reference (METHOD.md as written), for tests
+
+    def project_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The plain form of :meth:`project`: one matmul per projection, as METHOD.md writes it."""
+        shape = (*x.shape[:-1], self.config.num_heads, self.config.rank)
+        x = x.to(self.memory_q_proj.dtype)  # (B, T, d)
+        q = F.normalize(torch.tanh(F.linear(x, self.memory_q_proj)).view(shape), dim=-1, eps=NORM_EPS)
+        k = F.normalize(torch.tanh(F.linear(x, self.memory_k_proj)).view(shape), dim=-1, eps=NORM_EPS)
+        v = F.linear(x, self.memory_v_proj).view(shape)  # (B, T, H, r)
+        beta, lam = self.gates(x)  # (B, T, H, r) each
+        return q, k, v, beta, (lam if self.separate_forget_gate else None)
 
     def correction(self, name: str, reads: torch.Tensor) -> torch.Tensor:
         """``scale * W_delta_name @ read``: ``(B, T, R)`` -> ``(B, T, out)``."""
         weight = getattr(self, f"delta_{name}_proj")  # (out, R)
         return self.config.scale * F.linear(reads.to(weight.dtype), weight)
 
-    def add_correction(self, name: str, reads: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """``output + correction(name, reads)`` with one ``addmm`` and a cached pre-scaled weight.
+    def forward_reference(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor,
+        writes: bool,
+        mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`forward` in the plainest form: per-projection matmuls, the token loop for token writes, a
+        Python loop over messages for segment writes, one matmul per correction. Slow; for tests."""
+        batch, length = x.shape[:2]
+        q, k, v, beta, lam = self.project_reference(x)  # (B, T, H, r) each
+        if writes and self.config.write != "segment":
+            new_state, reads = delta_scan_recurrent(state, q, k, v, beta, mask=mask, lam=lam)
+        else:
+            reads = torch.einsum("bhij,bthj->bthi", state.to(q.dtype), q)  # (B, T, H, r)
+            if mask is not None:
+                reads = reads * mask.to(reads.dtype)[:, :, None, None]
+            new_state = state
+            if writes and segment_ids is not None:
+                new_state = self._write_segments_reference(x, state, mask, segment_ids)
+        reads = reads.reshape(batch, length, -1)  # (B, T, R)
+        return {name: self.correction(name, reads) for name in self.corrected}, new_state
 
-        Args: reads ``(B, T, R)``, output ``(B, T, out)`` of the corrected projection. Falls back to the plain
-        form when dtypes differ (e.g. a bf16 backbone under float32 memory)."""
-        weight = getattr(self, f"delta_{name}_proj")  # (out, R)
-        if output.dtype != weight.dtype or reads.dtype != weight.dtype:
-            return output + self.correction(name, reads).to(output.dtype)
-        scaled = self._cached(f"correction_{name}", [weight], lambda: (self.config.scale * weight).t())  # (R, out)
-        flat = torch.addmm(output.reshape(-1, output.shape[-1]), reads.reshape(-1, reads.shape[-1]), scaled)
-        return flat.view(output.shape)  # (B, T, out)
+    def _write_segments_reference(self, x, state, mask, segment_ids) -> torch.Tensor:
+        """One write per message, message by message and example by example."""
+        out = []
+        for b in range(x.shape[0]):
+            s = state[b : b + 1]  # (1, H, r, r)
+            ids = segment_ids[b].long()
+            if mask is not None:
+                ids = ids.masked_fill(~mask[b].to(torch.bool), -1)
+            for segment in range(int(ids.max().item()) + 1):
+                chosen = ids == segment
+                if bool(chosen.any()):
+                    mean = x[b, chosen].mean(dim=0).view(1, 1, -1)  # (1, 1, d)
+                    q, k, v, beta, lam = self.project_reference(mean)  # (1, 1, H, r) each
+                    s, _ = delta_scan_recurrent(s, q, k, v, beta, lam=lam)
+            out.append(s)
+        return torch.cat(out, dim=0)  # (B, H, r, r)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the last dim (= ``F.normalize(x, dim=-1, eps=NORM_EPS)``, in fewer ops)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)

@@ -65,7 +65,7 @@ def write_pass(model, batch: Batch, detach_backbone: bool = False) -> tuple[list
     for position, module in enumerate(attachment.modules):
         total, count = 0.0, 0.0
         for call, x in zip(batch.write_calls, inputs[position]):
-            beta = module.project(x)[3].flatten(2)  # (B', T, R)
+            beta = module.gates(x)[0].flatten(2)  # (B', T, R)
             real = call.mask.to(device=beta.device, dtype=beta.dtype)[:, :, None]  # (B', T, 1)
             total = total + (beta * real).sum()
             count = count + float(real.sum()) * beta.shape[-1]
