@@ -13,6 +13,24 @@ from deltamem_agents.core.errors import (
 )
 from deltamem_agents.core.state import MemoryState
 
+# The LangChain layer, imported on first use so that the core imports without LangChain or LangGraph installed.
+_LAZY = {
+    "DeltaMemChat": "deltamem_agents.agents.chat",
+    "DeltaMemState": "deltamem_agents.agents.graph",
+    "build_agent": "deltamem_agents.agents.graph",
+    "build_chatbot": "deltamem_agents.agents.graph",
+    "memory_node": "deltamem_agents.agents.graph",
+    "DeltaMemMiddleware": "deltamem_agents.agents.middleware",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'deltamem_agents' has no attribute {name!r}")
+
 
 def new_cache(model, state: MemoryState | None = None, writes: bool = True) -> DeltaMemCache:
     """A fresh KV cache carrying ``state`` (or the empty memory) for ``model(...)`` / ``model.generate(...)``."""
@@ -27,6 +45,12 @@ def adapter_fingerprint(model) -> str:
 
 
 __all__ = [
+    "DeltaMemChat",
+    "DeltaMemMiddleware",
+    "DeltaMemState",
+    "build_agent",
+    "build_chatbot",
+    "memory_node",
     "AdapterError",
     "BackboneError",
     "ConfigError",

@@ -47,3 +47,25 @@ def test_the_blocker_really_blocks_the_outer_layer():
         [sys.executable, "-c", BLOCKER, "deltamem_agents.agents.chat"], capture_output=True, text=True, timeout=300
     )
     assert done.returncode != 0 and "blocked by the import-boundary test" in done.stderr
+
+
+def test_the_top_level_names_of_the_outer_layer_load_on_first_use():
+    import deltamem_agents
+    from deltamem_agents.agents.chat import DeltaMemChat
+    from deltamem_agents.agents.middleware import DeltaMemMiddleware
+
+    assert deltamem_agents.DeltaMemChat is DeltaMemChat and deltamem_agents.DeltaMemMiddleware is DeltaMemMiddleware
+    from deltamem_agents import build_agent  # noqa: F401
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCKER + "\nimport deltamem_agents\nprint(deltamem_agents.MemoryState)",
+            "deltamem_agents",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr  # the package itself still imports with LangChain blocked

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +61,11 @@ class TurnIO:
     new_written: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     tokens_written: int = 0
+
+
+# The TurnIO of the model call running in this context, for callers that cannot pass keywords to the model
+# (the create_agent middleware); it stays out of the call's invocation params and cache keys.
+CURRENT_TURN: ContextVar[TurnIO | None] = ContextVar("deltamem_current_turn", default=None)
 
 
 @dataclass
@@ -156,7 +162,7 @@ class DeltaMemChat(BaseChatModel):
 
     def _begin_turn(self, messages: list[BaseMessage], kwargs: dict) -> tuple[_Turn, Any]:
         """Resolve the memory, run the write pass, persist it, and build the read-pass prompt and grammar."""
-        io: TurnIO | None = kwargs.get(TURN_KWARG)
+        io: TurnIO | None = kwargs.get(TURN_KWARG) or CURRENT_TURN.get()
         thread_id = None if io is not None else kwargs.get(THREAD_KWARG)
         lock = self._hold_thread(thread_id) if thread_id is not None else nullcontext()
         with lock:  # two concurrent turns of the same standalone thread must not both write its memory
