@@ -10,6 +10,7 @@ memory with writes off. Where the memory lives:
 """
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import nullcontext
@@ -30,11 +31,15 @@ from deltamem_agents.agents.store import InMemoryStore, ThreadMemory
 from deltamem_agents.agents.turn import WindowPolicy, plan_turn
 from deltamem_agents.core.state import MemoryState
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
+from deltamem_agents.serving.repetition import RepetitionSettings
 from deltamem_agents.serving.thread_locks import ThreadLocks
+from deltamem_agents.serving.tool_choice import choose_action
 from deltamem_agents.serving.tool_grammar import (
+    REPLY_HEAD,
     allowed_actions,
     compile_envelope,
     envelope_schema,
+    ground,
     instructions,
     parse_envelope,
     partial_reply_text,
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 TURN_KWARG = "deltamem_turn"
 THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread id)
 THREAD_KWARG = "deltamem_thread_id"
+EMBEDDED_BACKBONE = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -69,6 +75,7 @@ class _Turn:
     specs: list
     tokens_written: int
     notes: list[str]
+    choice: Any = None  # the ActionChoice of likelihood tool choice, if it ran
 
 
 class DeltaMemChat(BaseChatModel):
@@ -80,6 +87,18 @@ class DeltaMemChat(BaseChatModel):
     ``stop``, ``max_new_tokens``, ``temperature``, ``top_p``, ``seed`` per call. ``tool_preselect=k`` offers the
     model only the k bound tools that best match the newest user message (BM25 over names and descriptions),
     which helps small models choose.
+
+    Tool choice and replies (docs/tool-choice.md):
+      - ``tool_scoring="likelihood"`` (the default of :meth:`from_backbone` for the embedded backbone): under
+        ``tool_choice="auto"`` / ``"any"`` the backbone scores every allowed action (each tool, and the plain
+        reply under ``auto``) by its own log-likelihood, then decodes the envelope of the best one under the
+        grammar (it still writes the arguments or the reply). ``"grammar"``: the model picks the action while
+        decoding the envelope. ``reply_bias`` is added to the reply's score.
+      - ``value_providers``: ``{tool name: {argument: provider}}``; each turn ``provider(config)`` (the run's
+        RunnableConfig) returns the values that argument may take now, and the grammar admits only those; a
+        tool with a provider that returns nothing is not offered that turn.
+      - ``repetition``: repetition control of reply text (no-repeat n-grams, a penalty, a stop when a sentence
+        repeats); None turns it off. ``max_new_tokens`` defaults to 160.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -89,7 +108,7 @@ class DeltaMemChat(BaseChatModel):
     window_tokens: int = 768
     recall: Literal["latent", "latent+retrieval"] = "latent+retrieval"
     notes_tokens: int = 192
-    max_new_tokens: int = 256
+    max_new_tokens: int = 160
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -97,6 +116,10 @@ class DeltaMemChat(BaseChatModel):
     store: Any = Field(default_factory=InMemoryStore, exclude=True)
     model_name: str = "deltamem"
     tool_preselect: int | None = None
+    tool_scoring: Literal["grammar", "likelihood"] = "grammar"
+    reply_bias: float = 0.0
+    value_providers: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
+    repetition: RepetitionSettings | None = Field(default_factory=RepetitionSettings)
 
     @classmethod
     def from_backbone(
@@ -109,6 +132,8 @@ class DeltaMemChat(BaseChatModel):
         model, tokenizer = load_backbone(backbone, device=device)
         if adapter is not None:
             load_adapter(model, adapter)
+        if backbone == EMBEDDED_BACKBONE:
+            kwargs.setdefault("tool_scoring", "likelihood")
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
@@ -168,7 +193,7 @@ class DeltaMemChat(BaseChatModel):
                 memory, written, step = None, (), 0
             fingerprint = self.engine.fingerprint()
             state = MemoryState.from_bytes(memory, fingerprint=fingerprint) if memory else None
-            specs, grammar, extra = self._tools(kwargs, _newest_user_text(messages))
+            specs, allow_reply, extra = self._tools(kwargs, _newest_user_text(messages))
             plan = plan_turn(messages, written, self.window, self.engine.count_tokens, extra_system=extra)
             state, tokens_written = self.engine.write(state, plan.to_write)
             data = state.to_bytes()
@@ -178,22 +203,47 @@ class DeltaMemChat(BaseChatModel):
             elif thread_id is not None:
                 self.store.save(str(thread_id), ThreadMemory(data, plan.written_ids, step + 1), fingerprint)
         prompt_ids = self.engine.render_prompt(plan.prompt)
-        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes), io
+        grammar, choice = None, None
+        if kwargs.get("tools"):
+            decode_specs, decode_reply = specs, allow_reply
+            if self.tool_scoring == "likelihood" and len(specs) + allow_reply > 1:
+                choice = choose_action(
+                    self.engine, state, plan.prompt, specs, allow_reply, prompt_ids, reply_bias=self.reply_bias
+                )
+                decode_specs = [s for s in specs if s.name == choice.action]
+                decode_reply = not decode_specs
+            schema = envelope_schema(decode_specs, decode_reply)
+            grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
+        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice), io
 
-    def _tools(self, kwargs: dict, request: str):
+    def _tools(self, kwargs: dict, request: str) -> tuple[list, bool, str]:
+        """The tools offered this turn (after tool_choice, grounding and preselection), whether a reply is
+        allowed, and the tool instructions for the system prompt."""
         tools = kwargs.get("tools") or []
         if not tools:
-            return [], None, ""
+            return [], True, ""
         specs, allow_reply = allowed_actions(tool_specs(tools), kwargs.get("tool_choice"))
+        if self.value_providers:
+            config = ensure_config()
+            values = {
+                tool: {arg: list(provider(config)) for arg, provider in args.items()}
+                for tool, args in self.value_providers.items()
+                if any(s.name == tool for s in specs)
+            }
+            specs = ground(specs, values)
+            if not specs and not allow_reply:
+                allow_reply = True  # nothing can be called with live values: the model must say so itself
         if self.tool_preselect and specs:
             specs = preselect(specs, request, self.tool_preselect)
-        schema = envelope_schema(specs, allow_reply)
-        grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
-        return specs, grammar, instructions(specs, allow_reply)
+        return specs, allow_reply, instructions(specs, allow_reply)
 
-    def _settings(self, stop: list[str] | None, kwargs: dict) -> GenerationSettings:
+    def _settings(self, stop: list[str] | None, kwargs: dict, under_grammar: bool = False) -> GenerationSettings:
         stops = tuple((stop or []) + (self.stop or []))
+        repetition = self.repetition
+        if repetition is not None and under_grammar:
+            repetition = dataclasses.replace(repetition, after=REPLY_HEAD)  # the reply text only, not the JSON
         return GenerationSettings(
+            repetition=repetition,
             max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
             temperature=kwargs.get("temperature", self.temperature),
             top_p=kwargs.get("top_p", self.top_p),
@@ -205,7 +255,7 @@ class DeltaMemChat(BaseChatModel):
         """The turn as chunks: text pieces as they decode (buffered under a tool grammar), then a final chunk
         with usage, finish reason and any tool call."""
         turn, _ = self._begin_turn(messages, kwargs)
-        settings = self._settings(stop, kwargs)
+        settings = self._settings(stop, kwargs, under_grammar=turn.grammar is not None)
         done: GenerationDone | None = None
         raw, shown = "", ""  # under a grammar: the envelope so far, and the reply text already streamed
         for event in self.engine.stream(turn.state, turn.prompt_ids, settings, turn.grammar):
@@ -238,6 +288,8 @@ class DeltaMemChat(BaseChatModel):
             "memory_tokens_written": turn.tokens_written,
             "retrieved_notes": len(turn.notes),
         }
+        if turn.choice is not None:
+            metadata["tool_choice"] = {"action": turn.choice.action, "method": turn.choice.method}
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content=content,
