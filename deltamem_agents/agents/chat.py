@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 TURN_KWARG = "deltamem_turn"
 THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread id)
 THREAD_KWARG = "deltamem_thread_id"
+VALUES_KWARG = "deltamem_live_values"  # {tool: {argument: values}} from value_providers, resolved per call
 EMBEDDED_BACKBONE = "smollm2-135m-instruct"
 
 
@@ -223,14 +224,8 @@ class DeltaMemChat(BaseChatModel):
         if not tools:
             return [], True, ""
         specs, allow_reply = allowed_actions(tool_specs(tools), kwargs.get("tool_choice"))
-        if self.value_providers:
-            config = ensure_config()
-            values = {
-                tool: {arg: list(provider(config)) for arg, provider in args.items()}
-                for tool, args in self.value_providers.items()
-                if any(s.name == tool for s in specs)
-            }
-            specs = ground(specs, values)
+        if kwargs.get(VALUES_KWARG):
+            specs = ground(specs, kwargs[VALUES_KWARG])
             if not specs and not allow_reply:
                 allow_reply = True  # nothing can be called with live values: the model must say so itself
         if self.tool_preselect and specs:
@@ -302,17 +297,31 @@ class DeltaMemChat(BaseChatModel):
 
     # ---- LangChain entry points -----------------------------------------------------------------------------
 
+    def _call_kwargs(self, config, kwargs: dict) -> dict:
+        """The thread id (standalone use) and the live values of grounded arguments, resolved once per call
+        from the run config (plain lists, so nothing but data travels with the call)."""
+        kwargs = _with_thread(config, kwargs)
+        bound = {(t.get("function") or t).get("name") for t in kwargs.get("tools") or []}
+        if self.value_providers and bound:
+            run_config = ensure_config(config)
+            kwargs[VALUES_KWARG] = {
+                tool: {arg: list(provider(run_config)) for arg, provider in args.items()}
+                for tool, args in self.value_providers.items()
+                if tool in bound
+            }
+        return kwargs
+
     def invoke(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002 - LangChain's signature
-        return super().invoke(input, config, stop=stop, **_with_thread(config, kwargs))
+        return super().invoke(input, config, stop=stop, **self._call_kwargs(config, kwargs))
 
     async def ainvoke(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        return await super().ainvoke(input, config, stop=stop, **_with_thread(config, kwargs))
+        return await super().ainvoke(input, config, stop=stop, **self._call_kwargs(config, kwargs))
 
     def stream(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        yield from super().stream(input, config, stop=stop, **_with_thread(config, kwargs))
+        yield from super().stream(input, config, stop=stop, **self._call_kwargs(config, kwargs))
 
     async def astream(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        async for chunk in super().astream(input, config, stop=stop, **_with_thread(config, kwargs)):
+        async for chunk in super().astream(input, config, stop=stop, **self._call_kwargs(config, kwargs)):
             yield chunk
 
     def _stream(
