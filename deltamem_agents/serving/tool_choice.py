@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from deltamem_agents.core.cache import DeltaMemCache
+from deltamem_agents.core.state import MemoryState
 from deltamem_agents.serving.templating import render_chat
 from deltamem_agents.serving.tool_grammar import REPLY_ACTION, ToolSpec
 
@@ -80,16 +81,14 @@ def channel_scores(engine, state, messages: list[dict], specs: list[ToolSpec], a
         raise ValueError("channel scoring needs a user message")
     rest = engine.template_messages(rest[: users[-1] + 1])
     options: list[ToolSpec | None] = [*specs, *([None] if allow_reply else [])]
-    scores = {}
+    sequences = []
     for spec in options:
         head = "\n".join(system + [ACTION_INTRO + describe(spec)])
         rendered = render_chat(engine.tokenizer, [{"role": "system", "content": head}, *rest])
         positions = (rendered.message_index == len(rest)).nonzero().flatten()  # the newest user message
-        start, stop = int(positions[0]), int(positions[-1]) + 1
-        scores[spec.name if spec else REPLY_ACTION] = sum(
-            sequence_logprobs(engine, state, rendered.input_ids[:stop], start)
-        )
-    return scores
+        sequences.append((rendered.input_ids[: int(positions[-1]) + 1], int(positions[0])))
+    logprobs = batch_sequence_logprobs(engine, state, sequences)
+    return {(spec.name if spec else REPLY_ACTION): sum(lp) for spec, lp in zip(options, logprobs)}
 
 
 def envelope_scores(engine, state, prompt_ids: torch.Tensor, actions: list[str]) -> dict[str, float]:
@@ -109,6 +108,26 @@ def sequence_logprobs(engine, state, ids: torch.Tensor, start: int) -> list[floa
     logprobs = logits.log_softmax(-1)
     targets = ids[start:].to(logprobs.device)  # (T - start,)
     return logprobs[start - 1 : len(ids) - 1].gather(1, targets[:, None]).flatten().tolist()
+
+
+def batch_sequence_logprobs(engine, state, sequences: list[tuple[torch.Tensor, int]]) -> list[list[float]]:
+    """:func:`sequence_logprobs` of several ``(ids, start)`` pairs in one right-padded batch. Causal attention
+    and a read-only memory mean a token never sees the padding after it, so no attention mask is needed."""
+    if not sequences:
+        return []
+    state = state or engine.empty_state()
+    length = max(ids.shape[0] for ids, _ in sequences)
+    batch = torch.zeros(len(sequences), length, dtype=torch.long)  # (B, T) right-padded with token 0
+    for row, (ids, _) in enumerate(sequences):
+        batch[row, : ids.shape[0]] = ids
+    with engine.lock, torch.no_grad():
+        cache = DeltaMemCache(engine.model, MemoryState.stack([state] * len(sequences)), writes=False)
+        logprobs = engine.model(batch.to(engine.device), cache=cache).logits.float().log_softmax(-1)  # (B, T, V)
+    out = []
+    for row, (ids, start) in enumerate(sequences):
+        targets = ids[start:].to(logprobs.device)
+        out.append(logprobs[row, start - 1 : ids.shape[0] - 1].gather(1, targets[:, None]).flatten().tolist())
+    return out
 
 
 def continuation_logprobs(engine, state, prompt_ids: torch.Tensor, continuations: list[list[int]]) -> list[list[float]]:
