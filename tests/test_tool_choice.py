@@ -98,7 +98,7 @@ def test_no_repeat_ngrams_and_the_cycle_stop(engine):
     prompt = engine.render_prompt([{"role": "user", "content": "hi"}])
 
     def run(text, repetition):
-        settings = GenerationSettings(max_new_tokens=40, repetition=repetition)
+        settings = GenerationSettings(max_new_tokens=40, controls=(repetition,) if repetition else ())
         with Script(engine, text):
             return [e for e in engine.stream(None, prompt, settings) if isinstance(e, GenerationDone)][0]
 
@@ -111,12 +111,13 @@ def test_no_repeat_ngrams_and_the_cycle_stop(engine):
     assert stopped.text == "It is open. It is open." and stopped.finish_reason == "stop"
 
 
-def test_repetition_control_leaves_tool_arguments_alone(engine):
+def test_repetition_control_keeps_calls_parseable(engine):
     chat = DeltaMemChat(engine=engine, max_new_tokens=120)  # repetition control on by default
     call = '{"action": "create_ticket", "arguments": {"title": "aaaa aaaa aaaa aaaa"}}'
     with Script(engine, call):
         reply = chat.bind_tools([create_ticket]).invoke([SystemMessage("s"), HumanMessage("open one")])
-    assert reply.tool_calls[0]["args"] == {"title": "aaaa aaaa aaaa aaaa"}
+    assert reply.tool_calls[0]["name"] == "create_ticket"  # a looping value is cut short, the call still parses
+    assert reply.tool_calls[0]["args"]["title"] != "aaaa aaaa aaaa aaaa"
     with Script(engine, '{"action": "reply", "text": "ok. ok. ok. ok."}'):
         reply = chat.bind_tools([create_ticket]).invoke([HumanMessage("hi")])
     assert reply.content == "ok. ok."
@@ -133,3 +134,14 @@ def test_the_request_set_is_large_varied_and_split_in_fixed_halves():
         assert not a & b and a | b == {i[0] for i in spec["items"]} and abs(len(a) - len(b)) <= 1
         for text, _, stated in spec["items"]:
             assert all(str(v) in text for v in stated.values())
+
+
+def test_copy_bias_pulls_argument_values_from_the_request(engine):
+    from deltamem_agents.serving.repetition import CopyBias
+
+    prompt = engine.render_prompt([{"role": "user", "content": "hi"}])
+    ids = engine.tokenizer("zq", add_special_tokens=False)["input_ids"]
+    settings = GenerationSettings(max_new_tokens=30, controls=(CopyBias(frozenset(ids), bonus=1e4, after="x"),))
+    with Script(engine, "ax ab"):
+        done = [e for e in engine.stream(None, prompt, settings) if isinstance(e, GenerationDone)][0]
+    assert done.text.startswith("ax") and set(done.text[2:]) <= set("zq")  # after "x", only request tokens

@@ -31,10 +31,11 @@ from deltamem_agents.agents.store import InMemoryStore, ThreadMemory
 from deltamem_agents.agents.turn import WindowPolicy, plan_turn
 from deltamem_agents.core.state import MemoryState
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
-from deltamem_agents.serving.repetition import RepetitionSettings
+from deltamem_agents.serving.repetition import CopyBias, RepetitionSettings
 from deltamem_agents.serving.thread_locks import ThreadLocks
 from deltamem_agents.serving.tool_choice import choose_action
 from deltamem_agents.serving.tool_grammar import (
+    ARGUMENTS_HEAD,
     REPLY_HEAD,
     allowed_actions,
     compile_envelope,
@@ -77,6 +78,7 @@ class _Turn:
     tokens_written: int
     notes: list[str]
     choice: Any = None  # the ActionChoice of likelihood tool choice, if it ran
+    copy_tokens: tuple[int, ...] = ()  # token ids of the newest user message (copy bias of tool arguments)
 
 
 class DeltaMemChat(BaseChatModel):
@@ -99,7 +101,10 @@ class DeltaMemChat(BaseChatModel):
         RunnableConfig) returns the values that argument may take now, and the grammar admits only those; a
         tool with a provider that returns nothing is not offered that turn.
       - ``repetition``: repetition control of reply text (no-repeat n-grams, a penalty, a stop when a sentence
-        repeats); None turns it off. ``max_new_tokens`` defaults to 160.
+        repeats; inside tool arguments only the n-gram rule); None turns it off. ``max_new_tokens`` defaults to
+        160.
+      - ``copy_bias``: added to the logits of the newest user message's tokens while tool arguments are decoded
+        (2.0 by default for the embedded backbone), so stated numbers and names are copied.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -121,6 +126,7 @@ class DeltaMemChat(BaseChatModel):
     reply_bias: float = 0.0
     value_providers: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
     repetition: RepetitionSettings | None = Field(default_factory=RepetitionSettings)
+    copy_bias: float = 0.0
 
     @classmethod
     def from_backbone(
@@ -135,6 +141,8 @@ class DeltaMemChat(BaseChatModel):
             load_adapter(model, adapter)
         if backbone == EMBEDDED_BACKBONE:
             kwargs.setdefault("tool_scoring", "likelihood")
+            kwargs.setdefault("copy_bias", 2.0)
+            kwargs.setdefault("reply_bias", 1.5)  # tuned on the tune half of the request set (docs/tool-choice.md)
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
@@ -215,7 +223,9 @@ class DeltaMemChat(BaseChatModel):
                 decode_reply = not decode_specs
             schema = envelope_schema(decode_specs, decode_reply)
             grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
-        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice), io
+        request = _newest_user_text(messages)
+        copy_tokens = tuple(self.engine.tokenizer(request, add_special_tokens=False)["input_ids"]) if grammar else ()
+        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens), io
 
     def _tools(self, kwargs: dict, request: str) -> tuple[list, bool, str]:
         """The tools offered this turn (after tool_choice, grounding and preselection), whether a reply is
@@ -232,13 +242,23 @@ class DeltaMemChat(BaseChatModel):
             specs = preselect(specs, request, self.tool_preselect)
         return specs, allow_reply, instructions(specs, allow_reply)
 
-    def _settings(self, stop: list[str] | None, kwargs: dict, under_grammar: bool = False) -> GenerationSettings:
+    def _settings(
+        self, stop: list[str] | None, kwargs: dict, under_grammar: bool = False, copy_tokens=()
+    ) -> GenerationSettings:
         stops = tuple((stop or []) + (self.stop or []))
-        repetition = self.repetition
-        if repetition is not None and under_grammar:
-            repetition = dataclasses.replace(repetition, after=REPLY_HEAD)  # the reply text only, not the JSON
+        controls = []
+        if self.repetition is not None and not under_grammar:
+            controls.append(self.repetition)
+        elif self.repetition is not None:
+            controls.append(dataclasses.replace(self.repetition, after=REPLY_HEAD))  # the reply text
+            # inside a call's arguments: no looping values, but no stop (a cut-off call would be lost)
+            controls.append(
+                dataclasses.replace(self.repetition, after=ARGUMENTS_HEAD, penalty=1.0, stop_on_cycle=False)
+            )
+        if under_grammar and self.copy_bias and copy_tokens:
+            controls.append(CopyBias(frozenset(copy_tokens), self.copy_bias, after=ARGUMENTS_HEAD))
         return GenerationSettings(
-            repetition=repetition,
+            controls=tuple(controls),
             max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
             temperature=kwargs.get("temperature", self.temperature),
             top_p=kwargs.get("top_p", self.top_p),
@@ -250,7 +270,7 @@ class DeltaMemChat(BaseChatModel):
         """The turn as chunks: text pieces as they decode (buffered under a tool grammar), then a final chunk
         with usage, finish reason and any tool call."""
         turn, _ = self._begin_turn(messages, kwargs)
-        settings = self._settings(stop, kwargs, under_grammar=turn.grammar is not None)
+        settings = self._settings(stop, kwargs, turn.grammar is not None, turn.copy_tokens)
         done: GenerationDone | None = None
         raw, shown = "", ""  # under a grammar: the envelope so far, and the reply text already streamed
         for event in self.engine.stream(turn.state, turn.prompt_ids, settings, turn.grammar):

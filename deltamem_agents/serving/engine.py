@@ -15,7 +15,6 @@ from deltamem_agents.core.attach import attach_memory, attachment_of, has_memory
 from deltamem_agents.core.cache import DeltaMemCache
 from deltamem_agents.core.config import DeltaMemConfig
 from deltamem_agents.core.state import MemoryState
-from deltamem_agents.serving.repetition import RepetitionGuard, RepetitionSettings
 from deltamem_agents.serving.templating import render_chat
 
 PLACEHOLDER_SYSTEM = {"role": "system", "content": "-"}  # keeps templates from injecting a default system prompt
@@ -31,7 +30,7 @@ class GenerationSettings:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    repetition: RepetitionSettings | None = None  # None: no repetition control (what evaluations pin)
+    controls: tuple = ()  # logit controls (serving.repetition): none by default, so evaluations stay pinned
 
 
 @dataclass(frozen=True)
@@ -163,7 +162,7 @@ class MemoryEngine:
         prompt_ids = prompt_ids[-(self.max_context - settings.max_new_tokens) :]  # (T,) never past the context
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         matcher, bitmask = _matcher(grammar, self.model)
-        guard = RepetitionGuard(settings.repetition) if settings.repetition is not None else None
+        controls = [control.start() for control in settings.controls]
         cache = DeltaMemCache(self.model, state, writes=False)
         produced: list[int] = []
         emitted, finish = "", "length"
@@ -174,8 +173,8 @@ class MemoryEngine:
                 logits = self.model(step_input, cache=cache).logits[0, -1].float()  # (V,)
             if matcher is not None:
                 _apply_grammar(matcher, bitmask, logits)
-            if guard is not None:
-                guard.adjust(logits)
+            for control in controls:
+                control.adjust(logits)
             token = _sample(logits, settings, generator)
             if matcher is not None:
                 matcher.accept_token(token)
@@ -196,8 +195,8 @@ class MemoryEngine:
             if hit is not None or (matcher is not None and matcher.is_terminated()):
                 finish = "stop"
                 break
-            if guard is not None and guard.observe(token, produced, text):
-                finish = "stop"  # the reply started to cycle
+            if [control.observe(token, produced, text) for control in controls].count(True):
+                finish = "stop"  # a control ended the reply (it started to cycle)
                 break
             step_input = torch.tensor([[token]], device=self.device)  # (1, 1)
         final = self.tokenizer.decode(produced, skip_special_tokens=True)

@@ -1,4 +1,11 @@
-"""Repetition control for chat replies: small models loop ("Update ticket for dana's ticket." nine times).
+"""Logit controls for chat decoding: repetition control (small models loop: "Update ticket for dana's ticket."
+nine times) and a copy bias for tool arguments (values the user stated are copied, not invented).
+
+A control is a frozen settings object whose ``start()`` returns the per-generation state, with
+``adjust(logits)`` (called on each step's logits after any grammar mask) and ``observe(token, produced, text)``
+(True: stop now). ``GenerationSettings.controls`` holds them; the engine calls nothing else.
+
+Repetition control:
 
 Three mechanisms, applied only to the reply text (after ``RepetitionSettings.after`` has been decoded, e.g. the
 head of a reply envelope, so JSON structure and tool arguments are never touched):
@@ -38,6 +45,9 @@ class RepetitionSettings:
     penalty: float = 1.1
     stop_on_cycle: bool = True
     after: str = ""
+
+    def start(self) -> "RepetitionGuard":
+        return RepetitionGuard(self)
 
 
 class RepetitionGuard:
@@ -90,3 +100,33 @@ def _repeats_a_sentence(text: str) -> bool:
     sentences = [tuple(_WORD.findall(part.lower())) for part in _SENTENCE_END.split(text)]
     sentences = [words for words in sentences if words]
     return len(sentences) >= 2 and sentences[-1] in sentences[:-1]
+
+
+@dataclass(frozen=True)
+class CopyBias:
+    """Adds ``bonus`` to the logits of ``tokens`` (the ids of the user's newest message) once the decoded text
+    contains ``after`` (the start of a tool call's arguments): a small model then copies the numbers and names
+    the user stated instead of inventing them. The grammar still decides what is valid and the model still
+    chooses; ``bonus`` 0 turns it off."""
+
+    tokens: frozenset[int]
+    bonus: float = 2.0
+    after: str = '"arguments": '
+
+    def start(self) -> "_CopyState":
+        return _CopyState(self)
+
+
+class _CopyState:
+    def __init__(self, settings: CopyBias):
+        self.settings = settings
+        self.active = False
+        self.ids = torch.tensor(sorted(settings.tokens), dtype=torch.long)
+
+    def adjust(self, logits: torch.Tensor) -> None:
+        if self.active and self.ids.numel() and self.settings.bonus:
+            logits[self.ids.to(logits.device)] += self.settings.bonus  # -inf (masked by the grammar) stays -inf
+
+    def observe(self, token: int, produced: list[int], text: str) -> bool:
+        self.active = self.active or self.settings.after in text
+        return False

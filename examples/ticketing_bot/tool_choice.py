@@ -149,7 +149,10 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(),
             "backbone": args.backbone,
             "half": args.half,
-            "settings": {k: getattr(chat, k, None) for k in ("tool_scoring", "max_new_tokens", "repetition")},
+            "settings": {
+                k: getattr(chat, k, None)
+                for k in ("tool_scoring", "reply_bias", "copy_bias", "max_new_tokens", "repetition")
+            },
         }
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
