@@ -145,3 +145,14 @@ def test_copy_bias_pulls_argument_values_from_the_request(engine):
     with Script(engine, "ax ab"):
         done = [e for e in engine.stream(None, prompt, settings) if isinstance(e, GenerationDone)][0]
     assert done.text.startswith("ax") and set(done.text[2:]) <= set("zq")  # after "x", only request tokens
+
+
+def test_likelihood_choice_scores_the_conversation_not_the_tool_list(engine, monkeypatch):
+    import deltamem_agents.agents.chat as chat_module
+
+    seen = []
+    real = chat_module.choose_action
+    monkeypatch.setattr(chat_module, "choose_action", lambda e, s, m, *a, **k: seen.append(m) or real(e, s, m, *a, **k))
+    chat = DeltaMemChat(engine=engine, max_new_tokens=20, tool_scoring="likelihood")
+    chat.bind_tools([lookup_ticket, create_ticket]).invoke([SystemMessage("be nice"), HumanMessage("hi")])
+    assert seen == [[{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]]

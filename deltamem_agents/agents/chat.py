@@ -217,7 +217,7 @@ class DeltaMemChat(BaseChatModel):
             decode_specs, decode_reply = specs, allow_reply
             if self.tool_scoring == "likelihood" and len(specs) + allow_reply > 1:
                 choice = choose_action(
-                    self.engine, state, plan.prompt, specs, allow_reply, prompt_ids, reply_bias=self.reply_bias
+                    self.engine, state, _without(plan.prompt, extra), specs, allow_reply, prompt_ids, self.reply_bias
                 )
                 decode_specs = [s for s in specs if s.name == choice.action]
                 decode_reply = not decode_specs
@@ -390,6 +390,15 @@ class DeltaMemChat(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         return _result([chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)])
+
+
+def _without(prompt: list[dict], extra: str) -> list[dict]:
+    """The prompt without the tool instructions at the end of its system message (what likelihood tool choice
+    scores on: the conversation, not the list of every tool)."""
+    if not extra or not prompt or prompt[0]["role"] != "system":
+        return prompt
+    system = prompt[0]["content"].removesuffix(extra).rstrip()
+    return ([{"role": "system", "content": system}] if system else []) + prompt[1:]
 
 
 def _newest_user_text(messages: list[BaseMessage]) -> str:
