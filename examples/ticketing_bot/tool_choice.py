@@ -84,6 +84,43 @@ def evaluate(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple[dict, 
     return summary, rows
 
 
+def evaluate_choice(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple[dict, list[dict]]:
+    """Like :func:`evaluate`, but only the likelihood choice DeltaMemChat makes before decoding (the decoded
+    envelope is restricted to the chosen action, so the chosen tool is the one called)."""
+    from deltamem_agents.serving.tool_choice import choose_action
+    from deltamem_agents.serving.tool_grammar import tool_specs
+
+    rows, summary = [], {}
+    for set_name, spec in sets.items():
+        specs = tool_specs(spec["tools"])
+        for mode in modes:
+            for text, expected, stated in spec["items"]:
+                t0 = time.perf_counter()
+                messages = [{"role": "system", "content": spec["system"]}, {"role": "user", "content": text}]
+                choice = choose_action(chat.engine, None, messages, specs, mode == "auto", reply_bias=chat.reply_bias)
+                rows.append(
+                    {
+                        "set": set_name,
+                        "mode": mode,
+                        "request": text,
+                        "expected": expected,
+                        "chosen": choice.action,
+                        "args": {},
+                        "stated": stated,
+                        "copied": {},
+                        "reply": "",
+                        "max_4gram": 0,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                    }
+                )
+                mark = "ok  " if choice.action == expected else "MISS"
+                log(f"[{set_name}/{mode}] {mark} {choice.action:>20} <- {text}")
+            summary[f"{set_name}/{mode}"] = tally([r for r in rows if r["set"] == set_name and r["mode"] == mode])
+    for mode in modes:
+        summary[f"all/{mode}"] = tally([r for r in rows if r["mode"] == mode])
+    return summary, rows
+
+
 def tally(rows: list[dict]) -> dict:
     tool = [r for r in rows if r["expected"] != "reply"]
     reply = [r for r in rows if r["expected"] == "reply"]
@@ -109,6 +146,8 @@ def table(summary: dict) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for key, s in summary.items():
+        if key.endswith("/any"):
+            s = {**s, "reply_items": 0}  # under "any" a reply is not allowed: the reply items are not counted
         lines.append(
             f"| {key} | {pct(s['tool_right'], s['tool_items'])} | {pct(s['reply_right'], s['reply_items'])} | "
             f"{pct(s['args_exact'], s['args_stated'])} | {s['max_4gram']} |"
@@ -125,6 +164,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tool-scoring", default=None, help="override DeltaMemChat.tool_scoring")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override the chat's reply budget")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--choice-only",
+        action="store_true",
+        help="likelihood tool choice only: score the actions as DeltaMemChat does, decode nothing (fast; no "
+        "argument match)",
+    )
+    parser.add_argument("--stated-only", action="store_true", help="only the tool items that state argument values")
     args = parser.parse_args(argv)
 
     import torch
@@ -140,7 +186,10 @@ def main(argv=None) -> int:
     sets = load_requests(args.half)
     if args.sets:
         sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
-    summary, rows = evaluate(chat, sets, tuple(args.modes.split(",")))
+    if args.stated_only:
+        sets = {k: {**v, "items": [i for i in v["items"] if i[2]]} for k, v in sets.items()}
+    run = evaluate_choice if args.choice_only else evaluate
+    summary, rows = run(chat, sets, tuple(args.modes.split(",")))
     print("\n".join(table(summary)))
     if args.out:
         machine = {
