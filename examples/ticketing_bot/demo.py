@@ -181,7 +181,10 @@ def scorecard(data: Path, user: str) -> int:
         ),
         ("session 2's replies contain 'waiting for parts'", "waiting for parts" in session2.lower()),
         ("session 2's replies contain 'Thursday'", "thursday" in session2.lower()),
-        ("the laptop ticket is closed after session 3", bool(laptop) and all(t["status"] == "closed" for t in laptop)),
+        (
+            "the user's ticket is closed after session 3",
+            bool(tickets) and all(t["status"] == "closed" for t in tickets),
+        ),
         (
             "no call names a ticket the user does not have",
             all(c["args"].get("ticket_id", min(ids, default=0)) in ids for c in calls),
