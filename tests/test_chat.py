@@ -137,7 +137,7 @@ def test_retrieval_notes_come_from_this_thread_only_and_are_capped(chat):
 
 def test_empty_memory_with_default_adapter_does_not_change_the_backbone():
     engine = tiny_engine(trained=False)  # the default: zero-init corrections
-    chat = DeltaMemChat(engine=engine, max_new_tokens=10)
+    chat = DeltaMemChat(engine=engine, max_new_tokens=10, repetition=None)  # plain greedy, like generate()
     messages = conversation(3)[:-1]
     reply = chat.invoke(messages)
     from deltamem_agents.agents.turn import WindowPolicy, plan_turn

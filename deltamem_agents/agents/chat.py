@@ -10,6 +10,7 @@ memory with writes off. Where the memory lives:
 """
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import nullcontext
@@ -32,11 +33,16 @@ from deltamem_agents.agents.turn import WindowPolicy, plan_turn
 from deltamem_agents.core.state import MemoryState
 from deltamem_agents.models import DEFAULT_BACKBONE
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
+from deltamem_agents.serving.repetition import CopyBias, RepetitionSettings
 from deltamem_agents.serving.thread_locks import ThreadLocks
+from deltamem_agents.serving.tool_choice import choose_action
 from deltamem_agents.serving.tool_grammar import (
+    ARGUMENTS_HEAD,
+    REPLY_HEAD,
     allowed_actions,
     compile_envelope,
     envelope_schema,
+    ground,
     instructions,
     parse_envelope,
     partial_reply_text,
@@ -48,6 +54,8 @@ log = logging.getLogger(__name__)
 TURN_KWARG = "deltamem_turn"
 THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread id)
 THREAD_KWARG = "deltamem_thread_id"
+VALUES_KWARG = "deltamem_live_values"  # {tool: {argument: values}} from value_providers, resolved per call
+EMBEDDED_BACKBONE = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -76,6 +84,8 @@ class _Turn:
     specs: list
     tokens_written: int
     notes: list[str]
+    choice: Any = None  # the ActionChoice of likelihood tool choice, if it ran
+    copy_tokens: tuple[int, ...] = ()  # token ids of the newest user message (copy bias of tool arguments)
 
 
 class DeltaMemChat(BaseChatModel):
@@ -87,6 +97,21 @@ class DeltaMemChat(BaseChatModel):
     ``stop``, ``max_new_tokens``, ``temperature``, ``top_p``, ``seed`` per call. ``tool_preselect=k`` offers the
     model only the k bound tools that best match the newest user message (BM25 over names and descriptions),
     which helps small models choose.
+
+    Tool choice and replies (docs/tool-choice.md):
+      - ``tool_scoring="likelihood"`` (the default of :meth:`from_backbone` for the embedded backbone): under
+        ``tool_choice="auto"`` / ``"any"`` the backbone scores every allowed action (each tool, and the plain
+        reply under ``auto``) by its own log-likelihood, then decodes the envelope of the best one under the
+        grammar (it still writes the arguments or the reply). ``"grammar"``: the model picks the action while
+        decoding the envelope. ``reply_bias`` is added to the reply's score.
+      - ``value_providers``: ``{tool name: {argument: provider}}``; each turn ``provider(config)`` (the run's
+        RunnableConfig) returns the values that argument may take now, and the grammar admits only those; a
+        tool with a provider that returns nothing is not offered that turn.
+      - ``repetition``: repetition control of reply text (no-repeat n-grams, a penalty, a stop when a sentence
+        repeats; inside tool arguments only the n-gram rule); None turns it off. ``max_new_tokens`` defaults to
+        160.
+      - ``copy_bias``: added to the logits of the newest user message's tokens while tool arguments are decoded
+        (2.0 by default for the embedded backbone), so stated numbers and names are copied.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -96,7 +121,7 @@ class DeltaMemChat(BaseChatModel):
     window_tokens: int = 768
     recall: Literal["latent", "latent+retrieval"] = "latent+retrieval"
     notes_tokens: int = 192
-    max_new_tokens: int = 256
+    max_new_tokens: int = 160
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -104,6 +129,11 @@ class DeltaMemChat(BaseChatModel):
     store: Any = Field(default_factory=InMemoryStore, exclude=True)
     model_name: str = "deltamem"
     tool_preselect: int | None = None
+    tool_scoring: Literal["grammar", "likelihood"] = "grammar"
+    reply_bias: float = 0.0
+    value_providers: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
+    repetition: RepetitionSettings | None = Field(default_factory=RepetitionSettings)
+    copy_bias: float = 0.0
 
     @classmethod
     def from_backbone(
@@ -116,6 +146,10 @@ class DeltaMemChat(BaseChatModel):
         model, tokenizer = load_backbone(backbone, device=device)
         if adapter is not None:
             load_adapter(model, adapter)
+        if backbone == EMBEDDED_BACKBONE:
+            kwargs.setdefault("tool_scoring", "likelihood")
+            kwargs.setdefault("copy_bias", 2.0)
+            kwargs.setdefault("reply_bias", 1.5)  # tuned on the tune half of the request set (docs/tool-choice.md)
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
@@ -175,7 +209,7 @@ class DeltaMemChat(BaseChatModel):
                 memory, written, step = None, (), 0
             fingerprint = self.engine.fingerprint()
             state = MemoryState.from_bytes(memory, fingerprint, self.engine.memory_layers) if memory else None
-            specs, grammar, extra = self._tools(kwargs, _newest_user_text(messages))
+            specs, allow_reply, extra = self._tools(kwargs, _newest_user_text(messages))
             plan = plan_turn(messages, written, self.window, self.engine.count_tokens, extra_system=extra)
             state, tokens_written = self.engine.write(state, plan.to_write)
             data = state.to_bytes()
@@ -185,22 +219,53 @@ class DeltaMemChat(BaseChatModel):
             elif thread_id is not None:
                 self.store.save(str(thread_id), ThreadMemory(data, plan.written_ids, step + 1), fingerprint)
         prompt_ids = self.engine.render_prompt(plan.prompt)
-        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes), io
+        grammar, choice = None, None
+        if kwargs.get("tools"):
+            decode_specs, decode_reply = specs, allow_reply
+            if self.tool_scoring == "likelihood" and len(specs) + allow_reply > 1:
+                choice = choose_action(
+                    self.engine, state, _without(plan.prompt, extra), specs, allow_reply, prompt_ids, self.reply_bias
+                )
+                decode_specs = [s for s in specs if s.name == choice.action]
+                decode_reply = not decode_specs
+            schema = envelope_schema(decode_specs, decode_reply)
+            grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
+        request = _newest_user_text(messages)
+        copy_tokens = tuple(self.engine.tokenizer(request, add_special_tokens=False)["input_ids"]) if grammar else ()
+        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens), io
 
-    def _tools(self, kwargs: dict, request: str):
+    def _tools(self, kwargs: dict, request: str) -> tuple[list, bool, str]:
+        """The tools offered this turn (after tool_choice, grounding and preselection), whether a reply is
+        allowed, and the tool instructions for the system prompt."""
         tools = kwargs.get("tools") or []
         if not tools:
-            return [], None, ""
+            return [], True, ""
         specs, allow_reply = allowed_actions(tool_specs(tools), kwargs.get("tool_choice"))
+        if kwargs.get(VALUES_KWARG):
+            specs = ground(specs, kwargs[VALUES_KWARG])
+            if not specs and not allow_reply:
+                allow_reply = True  # nothing can be called with live values: the model must say so itself
         if self.tool_preselect and specs:
             specs = preselect(specs, request, self.tool_preselect)
-        schema = envelope_schema(specs, allow_reply)
-        grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
-        return specs, grammar, instructions(specs, allow_reply)
+        return specs, allow_reply, instructions(specs, allow_reply)
 
-    def _settings(self, stop: list[str] | None, kwargs: dict) -> GenerationSettings:
+    def _settings(
+        self, stop: list[str] | None, kwargs: dict, under_grammar: bool = False, copy_tokens=()
+    ) -> GenerationSettings:
         stops = tuple((stop or []) + (self.stop or []))
+        controls = []
+        if self.repetition is not None and not under_grammar:
+            controls.append(self.repetition)
+        elif self.repetition is not None:
+            controls.append(dataclasses.replace(self.repetition, after=REPLY_HEAD))  # the reply text
+            # inside a call's arguments: no looping values, but no stop (a cut-off call would be lost)
+            controls.append(
+                dataclasses.replace(self.repetition, after=ARGUMENTS_HEAD, penalty=1.0, stop_on_cycle=False)
+            )
+        if under_grammar and self.copy_bias and copy_tokens:
+            controls.append(CopyBias(frozenset(copy_tokens), self.copy_bias, after=ARGUMENTS_HEAD))
         return GenerationSettings(
+            controls=tuple(controls),
             max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
             temperature=kwargs.get("temperature", self.temperature),
             top_p=kwargs.get("top_p", self.top_p),
@@ -212,7 +277,7 @@ class DeltaMemChat(BaseChatModel):
         """The turn as chunks: text pieces as they decode (buffered under a tool grammar), then a final chunk
         with usage, finish reason and any tool call."""
         turn, _ = self._begin_turn(messages, kwargs)
-        settings = self._settings(stop, kwargs)
+        settings = self._settings(stop, kwargs, turn.grammar is not None, turn.copy_tokens)
         done: GenerationDone | None = None
         raw, shown = "", ""  # under a grammar: the envelope so far, and the reply text already streamed
         for event in self.engine.stream(turn.state, turn.prompt_ids, settings, turn.grammar):
@@ -245,6 +310,8 @@ class DeltaMemChat(BaseChatModel):
             "memory_tokens_written": turn.tokens_written,
             "retrieved_notes": len(turn.notes),
         }
+        if turn.choice is not None:
+            metadata["tool_choice"] = {"action": turn.choice.action, "method": turn.choice.method}
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content=content,
@@ -257,17 +324,31 @@ class DeltaMemChat(BaseChatModel):
 
     # ---- LangChain entry points -----------------------------------------------------------------------------
 
+    def _call_kwargs(self, config, kwargs: dict) -> dict:
+        """The thread id (standalone use) and the live values of grounded arguments, resolved once per call
+        from the run config (plain lists, so nothing but data travels with the call)."""
+        kwargs = _with_thread(config, kwargs)
+        bound = {(t.get("function") or t).get("name") for t in kwargs.get("tools") or []}
+        if self.value_providers and bound:
+            run_config = ensure_config(config)
+            kwargs[VALUES_KWARG] = {
+                tool: {arg: list(provider(run_config)) for arg, provider in args.items()}
+                for tool, args in self.value_providers.items()
+                if tool in bound
+            }
+        return kwargs
+
     def invoke(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002 - LangChain's signature
-        return super().invoke(input, config, stop=stop, **_with_thread(config, kwargs))
+        return super().invoke(input, config, stop=stop, **self._call_kwargs(config, kwargs))
 
     async def ainvoke(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        return await super().ainvoke(input, config, stop=stop, **_with_thread(config, kwargs))
+        return await super().ainvoke(input, config, stop=stop, **self._call_kwargs(config, kwargs))
 
     def stream(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        yield from super().stream(input, config, stop=stop, **_with_thread(config, kwargs))
+        yield from super().stream(input, config, stop=stop, **self._call_kwargs(config, kwargs))
 
     async def astream(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        async for chunk in super().astream(input, config, stop=stop, **_with_thread(config, kwargs)):
+        async for chunk in super().astream(input, config, stop=stop, **self._call_kwargs(config, kwargs)):
             yield chunk
 
     def _stream(
@@ -316,6 +397,15 @@ class DeltaMemChat(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         return _result([chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)])
+
+
+def _without(prompt: list[dict], extra: str) -> list[dict]:
+    """The prompt without the tool instructions at the end of its system message (what likelihood tool choice
+    scores on: the conversation, not the list of every tool)."""
+    if not extra or not prompt or prompt[0]["role"] != "system":
+        return prompt
+    system = prompt[0]["content"].removesuffix(extra).rstrip()
+    return ([{"role": "system", "content": system}] if system else []) + prompt[1:]
 
 
 def _newest_user_text(messages: list[BaseMessage]) -> str:

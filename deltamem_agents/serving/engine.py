@@ -31,6 +31,7 @@ class GenerationSettings:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    controls: tuple = ()  # logit controls (serving.repetition): none by default, so evaluations stay pinned
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class MemoryEngine:
         budget = min(settings.max_new_tokens, room)  # the reply stops at the context limit ("length")
         generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         matcher, bitmask = _matcher(grammar, self.model)
+        controls = [control.start() for control in settings.controls]
         cache = DeltaMemCache(self.model, state, writes=False)
         produced: list[int] = []
         emitted, finish = "", "length"
@@ -136,6 +138,8 @@ class MemoryEngine:
                 logits = self.model(step_input, cache=cache).logits[0, -1].float()  # (V,)
             if matcher is not None:
                 _apply_grammar(matcher, bitmask, logits)
+            for control in controls:
+                control.adjust(logits)
             token = _sample(logits, settings, generator)
             if matcher is not None:
                 matcher.accept_token(token)
@@ -155,6 +159,9 @@ class MemoryEngine:
                 emitted = ready
             if hit is not None or (matcher is not None and matcher.is_terminated()):
                 finish = "stop"
+                break
+            if [control.observe(token, produced, text) for control in controls].count(True):
+                finish = "stop"  # a control ended the reply (it started to cycle)
                 break
             step_input = torch.tensor([[token]], device=self.device)  # (1, 1)
         final = self.tokenizer.decode(produced, skip_special_tokens=True)

@@ -17,6 +17,8 @@ from deltamem_agents.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 REPLY_ACTION = "reply"
+ARGUMENTS_HEAD = '"arguments": '  # what precedes a tool call's arguments in the envelope
+REPLY_HEAD = '{"action": "reply", "text": "'  # how every reply envelope begins (the grammar admits no other spacing)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,28 @@ def tool_specs(openai_tools: list[dict]) -> list[ToolSpec]:
         params = function.get("parameters") or {"type": "object", "properties": {}}
         specs.append(ToolSpec(name, function.get("description", ""), params))
     return specs
+
+
+def ground(specs: list[ToolSpec], values: dict[str, dict[str, list]]) -> list[ToolSpec]:
+    """Specs whose grounded arguments admit only live values: ``values`` maps a tool name to ``{argument:
+    allowed values}`` (what the tool's value providers returned this turn). The argument's schema becomes an
+    ``enum`` of those values (so the grammar allows nothing else); a tool with an argument whose list is empty is
+    dropped (it is not offered this turn). Tools not in ``values`` are kept as they are."""
+    out = []
+    for spec in specs:
+        live = values.get(spec.name)
+        if not live:
+            out.append(spec)
+            continue
+        if any(not allowed for allowed in live.values()):
+            continue
+        properties = dict(spec.parameters.get("properties") or {})
+        for arg, allowed in live.items():
+            if arg not in properties:
+                raise ConfigError(f"value provider for {spec.name}.{arg}: the tool has no argument {arg!r}")
+            properties[arg] = {**properties[arg], "enum": list(dict.fromkeys(allowed))}
+        out.append(ToolSpec(spec.name, spec.description, {**spec.parameters, "properties": properties}))
+    return out
 
 
 def allowed_actions(specs: list[ToolSpec], tool_choice) -> tuple[list[ToolSpec], bool]:
@@ -109,13 +133,19 @@ def instructions(specs: list[ToolSpec], allow_reply: bool) -> str:
     """System-prompt text that tells the model the envelope format and lists the tools."""
     lines = ["You can use these tools:"]
     for s in specs:
-        args = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in (s.parameters.get("properties") or {}).items())
+        args = ", ".join(_describe_arg(k, v) for k, v in (s.parameters.get("properties") or {}).items())
         lines.append(f"- {s.name}({args}): {s.description}".rstrip(": "))
     lines.append('To call a tool, answer with {"action": "<tool name>", "arguments": {...}}.')
     if allow_reply:
         lines.append('To answer the user directly, answer with {"action": "reply", "text": "<your answer>"}.')
     lines.append("Answer with exactly one JSON object.")
     return "\n".join(lines)
+
+
+def _describe_arg(name: str, schema: dict) -> str:
+    if "enum" in schema:
+        return f"{name}: one of {', '.join(json.dumps(v) for v in schema['enum'])}"
+    return f"{name}: {schema.get('type', 'any')}"
 
 
 def compile_envelope(tokenizer, vocab_size: int, schema: dict):
@@ -161,10 +191,9 @@ def partial_reply_text(text: str) -> str | None:
 
 def _truncated_reply(text: str) -> str | None:
     """The text of a reply envelope cut off by the token limit (``{"action": "reply", "text": "...``)."""
-    head = '{"action": "reply", "text": "'
-    if not text.startswith(head):
+    if not text.startswith(REPLY_HEAD):
         return None
-    body = text[len(head) :].rstrip("\\")  # a dangling escape cannot be completed
+    body = text[len(REPLY_HEAD) :].rstrip("\\")  # a dangling escape cannot be completed
     try:
         return json.loads('"' + body + '"')
     except json.JSONDecodeError:

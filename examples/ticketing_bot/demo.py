@@ -8,6 +8,7 @@ LangGraph's checkpoints, holding messages and the δ-mem memory per thread).
 """
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -17,12 +18,27 @@ SESSIONS = [
     (
         "Monday",
         [
-            "Hi, my laptop will not turn on since this morning's update. Please open a ticket for it.",
-            "I already tried holding the power button for 30 seconds. Please add that as a comment.",
+            (
+                "Hi, my laptop will not turn on since this morning's update. Please open a ticket for it.",
+                "open a ticket",
+            ),
+            ("I already tried holding the power button for 30 seconds. Please add that as a comment.", "add a comment"),
         ],
     ),
-    ("Wednesday", ["Hi again. What is the status of my ticket?", "Thanks. What did I already try?"]),
-    ("Friday", ["Good news: the laptop works again. Please close my ticket.", "Thank you for your help!"]),
+    (
+        "Wednesday",
+        [
+            ("Hi again. What is the status of my ticket?", "tell the ticket's status"),
+            ("Thanks. What did I already try?", "tell what was tried"),
+        ],
+    ),
+    (
+        "Friday",
+        [
+            ("Good news: the laptop works again. Please close my ticket.", "close the ticket"),
+            ("Thank you for your help!", "reply (no tool)"),
+        ],
+    ),
 ]
 BETWEEN_SESSIONS = {0: ("technician", "Replacement battery ordered, arriving Thursday.", "waiting for parts")}
 
@@ -35,16 +51,18 @@ def run_session(index: int, data: Path, user: str) -> None:
     from deltamem_agents.agents.chat import DeltaMemChat
     from examples.ticketing_bot.bot import build_bot
     from examples.ticketing_bot.tickets import TicketDB
+    from examples.ticketing_bot.tool_choice import max_ngram_count
 
     day, turns = SESSIONS[index]
     started = time.perf_counter()
-    chat = DeltaMemChat.from_backbone(max_new_tokens=80, window_messages=4)
+    chat = DeltaMemChat.from_backbone(window_messages=4)
     db = TicketDB(data / "tickets.db")
     print(f"\n=== session {index + 1} · {day} · new process, model loaded in {time.perf_counter() - started:.1f}s ===")
+    record = []
     config = {"configurable": {"thread_id": f"support-{user}", "user_id": user, "story_day": day}}
     with SqliteSaver.from_conn_string(str(data / "checkpoints.db")) as saver:
         bot = build_bot(chat, db, saver)
-        for text in turns:
+        for text, asked in turns:
             before = len(bot.get_state(config).values.get("messages", []))
             t0 = time.perf_counter()
             state = bot.invoke({"messages": [HumanMessage(text)]}, config)
@@ -58,13 +76,24 @@ def run_session(index: int, data: Path, user: str) -> None:
             ]
             prompt = sum((m.usage_metadata or {}).get("input_tokens", 0) for m in replies)
             print(f"user: {text}")
-            print(f"  tools: {'; '.join(calls) or '-'}")
+            print(f"  asked for: {asked} · agent did: {'; '.join(calls) or 'replied'}")
             print(f"  agent: {replies[-1].content}")
             print(
                 f"  [prompt {prompt} tokens over {len(replies)} model calls · {latency:.1f}s · "
                 f"memory {len(state['memory'] or b''):,} B · {len(state['messages'])} messages in thread · "
                 f"{len(state['written'])} written to memory]"
             )
+            record.append(
+                {
+                    "text": text,
+                    "asked": asked,
+                    "calls": [{"name": c["name"], "args": c["args"]} for m in replies for c in m.tool_calls],
+                    "replies": [m.content for m in replies if m.content],
+                    "seconds": latency,
+                    "max_4gram": max((max_ngram_count(chat.engine.tokenizer, m.content) for m in replies), default=0),
+                }
+            )
+    (data / f"story-session-{index + 1}.json").write_text(json.dumps(record, indent=1))
     for ticket in db.list(user, include_closed=True):
         print(f"  ticket #{ticket['id']}: {ticket['title']!r} — {ticket['status']} (updated {ticket['updated']})")
 
@@ -130,6 +159,53 @@ def main(argv=None) -> int:
         ]
         subprocess.run(command, check=True)
         staff_update(data, args.user, index)
+    return scorecard(data, args.user)
+
+
+def scorecard(data: Path, user: str) -> int:
+    """Print the story's checks (exact predicates over the ticket database and the recorded turns)."""
+    from examples.ticketing_bot.tickets import TicketDB
+
+    sessions = [json.loads((data / f"story-session-{i + 1}.json").read_text()) for i in range(len(SESSIONS))]
+    db = TicketDB(data / "tickets.db")
+    tickets = [db.get(user, t["id"]) for t in db.list(user, include_closed=True)]
+    ids = {t["id"] for t in tickets}
+    calls = [c for session in sessions for turn in session for c in turn["calls"]]
+    session2 = " ".join(r for turn in sessions[1] for r in turn["replies"])
+    laptop = [t for t in tickets if "laptop" in (t["title"] + " " + t["description"]).lower()]
+    checks = [
+        ("a ticket was created whose title or description contains 'laptop'", bool(laptop)),
+        (
+            "a comment containing 'power' was added",
+            any("power" in c["text"].lower() for t in tickets for c in t["comments"] if c["author"] == "agent"),
+        ),
+        ("session 2's replies contain 'waiting for parts'", "waiting for parts" in session2.lower()),
+        ("session 2's replies contain 'Thursday'", "thursday" in session2.lower()),
+        (
+            "the user's ticket is closed after session 3",
+            bool(tickets) and all(t["status"] == "closed" for t in tickets),
+        ),
+        (
+            "no call names a ticket the user does not have",
+            all(c["args"].get("ticket_id", min(ids, default=0)) in ids for c in calls),
+        ),
+        (
+            "no reply repeats a token 4-gram more than twice",
+            all(turn["max_4gram"] <= 2 for session in sessions for turn in session),
+        ),
+    ]
+    print("\n=== scorecard ===")
+    for session, (day, _) in zip(sessions, SESSIONS):
+        for turn in session:
+            did = "; ".join(f"{c['name']}({json.dumps(c['args'])})" for c in turn["calls"]) or "replied"
+            print(f"{day:>9} · asked: {turn['asked']:<26} · did: {did}")
+    for name, ok in checks:
+        print(f"  [{'x' if ok else ' '}] {name}")
+    model_time = sum(turn["seconds"] for session in sessions for turn in session)
+    passed = sum(ok for _, ok in checks)
+    print(
+        f"{passed}/{len(checks)} checks passed · model time {model_time:.1f}s (invoke latencies, model load excluded)"
+    )
     return 0
 
 

@@ -1,108 +1,215 @@
-"""How often does the backbone pick the right tool for a ticketing request? (issue: tool calls that parse)
+"""Tool choice on the fixed request set (issue 12): the right tool, plain replies, and stated argument values.
 
-    python -m examples.ticketing_bot.tool_choice [--backbone NAME] [--out docs/tool-choice]
+    python -m examples.ticketing_bot.tool_choice --half held-out --out docs/tool-choice-after
+    python -m examples.ticketing_bot.tool_choice --half tune --sets helpdesk,shop --modes any
 
-Every request is one fresh turn (no history) with the bot's system prompt and the six ticket tools bound.
-Modes: ``auto`` (the grammar lets the model reply in text or call a tool), ``any`` (it must call one), and
-``any+preselect2`` (it must call one of the 2 tools whose name and description best match the request, BM25).
-Every call parses and validates by construction; what is measured is the choice.
+The request set (``requests.json``, committed before any method work) has four tool sets of 6-7 tools from
+different domains; every item is one fresh turn (the tool set's system prompt and the request) with that set's
+tools bound. Modes: ``any`` (the model must call a tool) and ``auto`` (it may reply in text). Measured: the right
+tool under ``any``; under ``auto`` the right tool on tool items and a plain reply on reply items, separately; the
+stated argument values (numbers, names, days, times the request spells out) copied exactly into the call; and the
+largest count of any token 4-gram in a reply. The halves are fixed in the file (tool items and reply items each
+alternate tune / held-out within a tool set): tune on ``tune``, report ``held-out``.
 """
 
 import argparse
 import json
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 from deltamem_agents.models import DEFAULT_BACKBONE
 
-REQUESTS = [
-    ("My monitor flickers all the time, please open a ticket.", "create_ticket"),
-    ("Please create a ticket: the VPN disconnects every hour.", "create_ticket"),
-    ("I need a new ticket, my keyboard is missing two keys.", "create_ticket"),
-    ("Open a support ticket for my broken headset.", "create_ticket"),
-    ("Which tickets do I have open right now?", "list_my_tickets"),
-    ("Show me a list of my tickets.", "list_my_tickets"),
-    ("Do I have any open tickets?", "list_my_tickets"),
-    ("What is the status of ticket 3?", "lookup_ticket"),
-    ("Can you look up ticket number 7 for me?", "lookup_ticket"),
-    ("Show me the details of ticket 12.", "lookup_ticket"),
-    ("Set ticket 4 to waiting for parts.", "update_ticket_status"),
-    ("Please change the status of ticket 9 to in progress.", "update_ticket_status"),
-    ("Add a comment to ticket 5: I restarted the router twice.", "comment_on_ticket"),
-    ("Please note on ticket 8 that the error code is 0x80070005.", "comment_on_ticket"),
-    ("Ticket 6 is solved, the printer works again. Please close it.", "close_ticket"),
-    ("Close ticket 2, the new cable fixed it.", "close_ticket"),
-]
+REQUESTS = Path(__file__).with_name("requests.json")
+HALVES = ("tune", "held-out", "all")
+
+
+def load_requests(half: str = "all", path: Path = REQUESTS) -> dict:
+    """``{tool set: {"system", "tools" (OpenAI tool dicts), "items": [(text, expected, stated args)]}}``."""
+    data = json.loads(Path(path).read_text())
+    out = {}
+    for name, spec in data["tool_sets"].items():
+        tools = [{"type": "function", "function": t} for t in spec["tools"]]
+        indexed = list(enumerate(spec["items"]))
+        items = []
+        for kind in ("tool", "reply"):
+            group = [(n, i) for n, i in indexed if (i[1] == "reply") == (kind == "reply")]
+            items += group if half == "all" else group[(half == "held-out") :: 2]
+        items = [tuple(i) for _, i in sorted(items, key=lambda pair: pair[0])]
+        out[name] = {"system": spec["system"], "tools": tools, "items": items}
+    return out
+
+
+def max_ngram_count(tokenizer, text: str, n: int = 4) -> int:
+    """How often the most frequent token n-gram of ``text`` occurs (0 for texts shorter than n tokens)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    counts = Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
+    return max(counts.values(), default=0)
+
+
+def evaluate(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple[dict, list[dict]]:
+    """Run every item of ``sets`` in each mode; returns (summary per tool set and mode, rows)."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    rows, summary = [], {}
+    for set_name, spec in sets.items():
+        for mode in modes:
+            bound = chat.bind_tools(spec["tools"], tool_choice=mode)
+            for text, expected, stated in spec["items"]:
+                t0 = time.perf_counter()
+                reply = bound.invoke([SystemMessage(spec["system"]), HumanMessage(text)])
+                call = reply.tool_calls[0] if reply.tool_calls else None
+                chosen = call["name"] if call else "reply"
+                args = call["args"] if call else {}
+                copied = {k: chosen == expected and args.get(k) == v for k, v in stated.items()}
+                rows.append(
+                    {
+                        "set": set_name,
+                        "mode": mode,
+                        "request": text,
+                        "expected": expected,
+                        "chosen": chosen,
+                        "args": args,
+                        "stated": stated,
+                        "copied": copied,
+                        "reply": reply.content if not call else "",
+                        "max_4gram": max_ngram_count(chat.engine.tokenizer, reply.content) if not call else 0,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                    }
+                )
+                mark = "ok  " if chosen == expected else "MISS"
+                log(f"[{set_name}/{mode}] {mark} {chosen:>20} <- {text}  {json.dumps(args) if call else ''}")
+            summary[f"{set_name}/{mode}"] = tally([r for r in rows if r["set"] == set_name and r["mode"] == mode])
+    for mode in modes:
+        summary[f"all/{mode}"] = tally([r for r in rows if r["mode"] == mode])
+    return summary, rows
+
+
+def evaluate_choice(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple[dict, list[dict]]:
+    """Like :func:`evaluate`, but only the likelihood choice DeltaMemChat makes before decoding (the decoded
+    envelope is restricted to the chosen action, so the chosen tool is the one called)."""
+    from deltamem_agents.serving.tool_choice import choose_action
+    from deltamem_agents.serving.tool_grammar import tool_specs
+
+    rows, summary = [], {}
+    for set_name, spec in sets.items():
+        specs = tool_specs(spec["tools"])
+        for mode in modes:
+            for text, expected, stated in spec["items"]:
+                t0 = time.perf_counter()
+                messages = [{"role": "system", "content": spec["system"]}, {"role": "user", "content": text}]
+                choice = choose_action(chat.engine, None, messages, specs, mode == "auto", reply_bias=chat.reply_bias)
+                rows.append(
+                    {
+                        "set": set_name,
+                        "mode": mode,
+                        "request": text,
+                        "expected": expected,
+                        "chosen": choice.action,
+                        "args": {},
+                        "stated": stated,
+                        "copied": {},
+                        "reply": "",
+                        "max_4gram": 0,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                    }
+                )
+                mark = "ok  " if choice.action == expected else "MISS"
+                log(f"[{set_name}/{mode}] {mark} {choice.action:>20} <- {text}")
+            summary[f"{set_name}/{mode}"] = tally([r for r in rows if r["set"] == set_name and r["mode"] == mode])
+    for mode in modes:
+        summary[f"all/{mode}"] = tally([r for r in rows if r["mode"] == mode])
+    return summary, rows
+
+
+def tally(rows: list[dict]) -> dict:
+    tool = [r for r in rows if r["expected"] != "reply"]
+    reply = [r for r in rows if r["expected"] == "reply"]
+    values = [ok for r in tool for ok in r["copied"].values()]
+    return {
+        "tool_right": sum(r["chosen"] == r["expected"] for r in tool),
+        "tool_items": len(tool),
+        "reply_right": sum(r["chosen"] == "reply" for r in reply),
+        "reply_items": len(reply),
+        "args_exact": sum(values),
+        "args_stated": len(values),
+        "max_4gram": max((r["max_4gram"] for r in rows), default=0),
+        "seconds": round(sum(r["seconds"] for r in rows), 1),
+    }
+
+
+def table(summary: dict) -> list[str]:
+    def pct(a, b):
+        return f"{a}/{b} ({a / b:.0%})" if b else "-"
+
+    lines = [
+        "| tool set / mode | right tool | right reply | stated args exact | max 4-gram in a reply |",
+        "|---|---|---|---|---|",
+    ]
+    for key, s in summary.items():
+        if key.endswith("/any"):
+            s = {**s, "reply_items": 0}  # under "any" a reply is not allowed: the reply items are not counted
+        lines.append(
+            f"| {key} | {pct(s['tool_right'], s['tool_items'])} | {pct(s['reply_right'], s['reply_items'])} | "
+            f"{pct(s['args_exact'], s['args_stated'])} | {s['max_4gram']} |"
+        )
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    parser.add_argument("--out", default="docs/tool-choice")
+    parser.add_argument("--half", choices=HALVES, default="held-out")
+    parser.add_argument("--sets", default="", help="comma-separated tool sets (default: all)")
+    parser.add_argument("--modes", default="any,auto")
+    parser.add_argument("--tool-scoring", default=None, help="override DeltaMemChat.tool_scoring")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="override the chat's reply budget")
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--choice-only",
+        action="store_true",
+        help="likelihood tool choice only: score the actions as DeltaMemChat does, decode nothing (fast; no "
+        "argument match)",
+    )
+    parser.add_argument("--stated-only", action="store_true", help="only the tool items that state argument values")
     args = parser.parse_args(argv)
 
     import torch
-    from langchain_core.messages import HumanMessage, SystemMessage
 
     from deltamem_agents.agents.chat import DeltaMemChat
-    from examples.ticketing_bot.bot import SYSTEM_PROMPT
-    from examples.ticketing_bot.tickets import TicketDB
-    from examples.ticketing_bot.tools import make_tools
 
-    chat = DeltaMemChat.from_backbone(args.backbone, max_new_tokens=100)
-    tools = make_tools(TicketDB(":memory:"))
-    system = SystemMessage(SYSTEM_PROMPT.format(user="dana", day="Monday"))
-    rows, summary = [], {}
-    for mode in ("auto", "any", "any+preselect2"):
-        choice, _, preselect = mode.partition("+preselect")
-        chat.tool_preselect = int(preselect) if preselect else None
-        bound = chat.bind_tools(tools, tool_choice=choice)
-        right = 0
-        for text, expected in REQUESTS:
-            t0 = time.perf_counter()
-            reply = bound.invoke([system, HumanMessage(text)])
-            chosen = reply.tool_calls[0]["name"] if reply.tool_calls else "reply"
-            right += chosen == expected
-            rows.append(
-                {
-                    "mode": mode,
-                    "request": text,
-                    "expected": expected,
-                    "chosen": chosen,
-                    "args": reply.tool_calls[0]["args"] if reply.tool_calls else None,
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-            )
-            print(f"[{mode}] {chosen:>22} {'ok ' if chosen == expected else 'MISS'} {text}")
-        summary[mode] = {"right": right, "total": len(REQUESTS), "accuracy": right / len(REQUESTS)}
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "backbone": args.backbone,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"summary": summary, "machine": machine, "rows": rows}, indent=2))
-    lines = [
-        "# Tool choice on ticketing requests",
-        "",
-        f"Command: `python -m examples.ticketing_bot.tool_choice --backbone {args.backbone}`. "
-        f"{len(REQUESTS)} requests, one fresh turn each, six ticket tools bound, greedy decoding.",
-        "Every tool call parses and validates against its schema (grammar-constrained); the table measures",
-        "whether the model chose the right action.",
-        "",
-        "| mode | right action | accuracy |",
-        "|---|---|---|",
-        *[f"| {m} | {s['right']}/{s['total']} | {s['accuracy']:.0%} |" for m, s in summary.items()],
-        "",
-        "| mode | request | expected | chosen |",
-        "|---|---|---|---|",
-        *[f"| {r['mode']} | {r['request']} | {r['expected']} | {r['chosen']} |" for r in rows],
-    ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(summary))
+    overrides = {}
+    if args.tool_scoring is not None:
+        overrides["tool_scoring"] = args.tool_scoring
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    chat = DeltaMemChat.from_backbone(args.backbone, **overrides)
+    sets = load_requests(args.half)
+    if args.sets:
+        sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
+    if args.stated_only:
+        sets = {k: {**v, "items": [i for i in v["items"] if i[2]]} for k, v in sets.items()}
+    run = evaluate_choice if args.choice_only else evaluate
+    summary, rows = run(chat, sets, tuple(args.modes.split(",")))
+    print("\n".join(table(summary)))
+    if args.out:
+        machine = {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "backbone": args.backbone,
+            "half": args.half,
+            "settings": {
+                k: getattr(chat, k, None)
+                for k in ("tool_scoring", "reply_bias", "copy_bias", "max_new_tokens", "repetition")
+            },
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"summary": summary, "machine": machine, "rows": rows}
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        out.with_suffix(".md").write_text("\n".join(table(summary)) + "\n")
     return 0
 
 

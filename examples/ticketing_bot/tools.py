@@ -11,7 +11,8 @@ from examples.ticketing_bot.tickets import TicketDB, TicketError
 
 
 def make_tools(db: TicketDB) -> list:
-    """The six ticket tools bound to ``db``."""
+    """The six ticket tools bound to ``db``. Their ``ticket_id`` arguments are grounded by
+    :func:`value_providers`: the model can only name a ticket the user has."""
 
     def user(config: RunnableConfig) -> str:
         return config["configurable"]["user_id"]
@@ -19,13 +20,23 @@ def make_tools(db: TicketDB) -> list:
     def show(value) -> str:
         return json.dumps(value, ensure_ascii=False)
 
+    def summary(ticket: dict) -> str:
+        """A ticket as a few plain sentences: easier for a small model to restate than JSON."""
+        lines = [f'Ticket {ticket["id"]} "{ticket["title"]}" is {ticket["status"]} (updated {ticket["updated"]}).']
+        if ticket.get("description"):
+            lines.append(f"Problem: {ticket['description']}")
+        lines += [f"Comment by {c['author']}: {c['text']}" for c in ticket.get("comments", [])]
+        if ticket.get("resolution"):
+            lines.append(f"Resolution: {ticket['resolution']}")
+        return "\n".join(lines)
+
     def day(config: RunnableConfig) -> str | None:
         return config["configurable"].get("story_day")
 
     @tool
     def create_ticket(title: str, description: str, config: RunnableConfig) -> str:
         """Open a new support ticket for the user's problem."""
-        return show(db.create(user(config), title, description, day(config)))
+        return summary(db.create(user(config), title, description, day(config)))
 
     @tool
     def list_my_tickets(config: RunnableConfig) -> str:
@@ -36,7 +47,7 @@ def make_tools(db: TicketDB) -> list:
     def lookup_ticket(ticket_id: int, config: RunnableConfig) -> str:
         """Show one ticket with its status and comments."""
         try:
-            return show(db.get(user(config), ticket_id))
+            return summary(db.get(user(config), ticket_id))
         except TicketError as err:
             return str(err)
 
@@ -48,7 +59,7 @@ def make_tools(db: TicketDB) -> list:
     ) -> str:
         """Change a ticket's status (open, in progress, waiting for parts, waiting for user)."""
         try:
-            return show(db.update_status(user(config), ticket_id, status, day(config)))
+            return summary(db.update_status(user(config), ticket_id, status, day(config)))
         except TicketError as err:
             return str(err)
 
@@ -56,7 +67,7 @@ def make_tools(db: TicketDB) -> list:
     def comment_on_ticket(ticket_id: int, comment: str, config: RunnableConfig) -> str:
         """Add a note to a ticket."""
         try:
-            return show(db.comment(user(config), ticket_id, comment, day=day(config)))
+            return summary(db.comment(user(config), ticket_id, comment, day=day(config)))
         except TicketError as err:
             return str(err)
 
@@ -64,8 +75,28 @@ def make_tools(db: TicketDB) -> list:
     def close_ticket(ticket_id: int, resolution: str, config: RunnableConfig) -> str:
         """Close a solved ticket with a short resolution."""
         try:
-            return show(db.close(user(config), ticket_id, resolution, day(config)))
+            return summary(db.close(user(config), ticket_id, resolution, day(config)))
         except TicketError as err:
             return str(err)
 
     return [create_ticket, list_my_tickets, lookup_ticket, update_ticket_status, comment_on_ticket, close_ticket]
+
+
+def value_providers(db: TicketDB) -> dict:
+    """``DeltaMemChat.value_providers`` for :func:`make_tools`: each turn, ``ticket_id`` may only name one of the
+    user's tickets (their open ones for changes, any of theirs for a look-up); with none, those tools are not
+    offered."""
+
+    def open_ids(config) -> list[int]:
+        return [t["id"] for t in db.list(config["configurable"]["user_id"])]
+
+    def all_ids(config) -> list[int]:
+        return [t["id"] for t in db.list(config["configurable"]["user_id"], include_closed=True)]
+
+    changes = {"ticket_id": open_ids}
+    return {
+        "lookup_ticket": {"ticket_id": all_ids},
+        "update_ticket_status": changes,
+        "comment_on_ticket": changes,
+        "close_ticket": changes,
+    }

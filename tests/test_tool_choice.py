@@ -1,0 +1,158 @@
+"""Likelihood tool choice, grounded arguments and repetition control (issue 12), on the tiny random backbone."""
+
+import pytest
+import torch
+from langchain_core.messages import HumanMessage, SystemMessage
+from tiny_chat import Script, tiny_engine
+
+from deltamem_agents.agents.chat import DeltaMemChat
+from deltamem_agents.core.errors import ConfigError
+from deltamem_agents.serving.engine import GenerationDone, GenerationSettings
+from deltamem_agents.serving.repetition import RepetitionSettings
+from deltamem_agents.serving.tool_choice import choose_action, continuation_logprobs, sequence_logprobs
+from deltamem_agents.serving.tool_grammar import ToolSpec, ground, tool_specs
+from examples.ticketing_bot.tool_choice import load_requests, max_ngram_count
+
+
+def lookup_ticket(ticket_id: int) -> str:
+    """Look up a ticket."""
+    return "ok"
+
+
+def create_ticket(title: str) -> str:
+    """Open a ticket."""
+    return "ok"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine()
+
+
+def test_cropped_cache_scores_match_full_forwards(engine):
+    prompt = engine.render_prompt([{"role": "user", "content": "hello"}])
+    continuations = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("abc", "x", "hello there")]
+    cropped = continuation_logprobs(engine, None, prompt, continuations)
+    for ids, scores in zip(continuations, cropped):
+        full = sequence_logprobs(engine, None, torch.cat([prompt, torch.tensor(ids)]), prompt.shape[0])
+        assert scores == pytest.approx(full, abs=1e-4)
+
+
+def test_choose_action_scores_every_allowed_action(engine):
+    specs = tool_specs([{"name": "a_tool", "description": "does a"}, {"name": "b_tool", "description": "does b"}])
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "do b please"}]
+    choice = choose_action(engine, None, messages, specs, allow_reply=True)
+    assert set(choice.scores) == {"a_tool", "b_tool", "reply"} and choice.method == "channel"
+    assert choice.action == max(choice.scores, key=choice.scores.get)
+    forced = choose_action(engine, None, messages, specs, allow_reply=True, reply_bias=1e6)
+    assert forced.action == "reply"
+    assert choose_action(engine, None, messages, specs[:1], allow_reply=False).action == "a_tool"
+
+
+@pytest.mark.parametrize("mode", ["auto", "any"])
+def test_likelihood_choice_decodes_the_chosen_action(engine, mode):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=60, tool_scoring="likelihood")
+    reply = chat.bind_tools([lookup_ticket, create_ticket], tool_choice=mode).invoke([HumanMessage("ticket 4?")])
+    chosen = reply.response_metadata["tool_choice"]["action"]
+    assert chosen in {"lookup_ticket", "create_ticket"} | ({"reply"} if mode == "auto" else set())
+    if reply.tool_calls:
+        assert reply.tool_calls[0]["name"] == chosen
+    elif reply.response_metadata["finish_reason"] == "stop":
+        assert chosen == "reply" and reply.content
+
+
+def test_ground_turns_live_values_into_an_enum_and_drops_empty_tools():
+    specs = tool_specs(
+        [{"name": "lookup_ticket", "parameters": {"type": "object", "properties": {"ticket_id": {"type": "integer"}}}}]
+    )
+    grounded = ground(specs, {"lookup_ticket": {"ticket_id": [3, 8, 3]}})
+    assert grounded[0].parameters["properties"]["ticket_id"] == {"type": "integer", "enum": [3, 8]}
+    assert ground(specs, {"lookup_ticket": {"ticket_id": []}}) == []
+    assert ground(specs, {}) == specs
+    with pytest.raises(ConfigError, match="no argument"):
+        ground(specs, {"lookup_ticket": {"id": [1]}})
+    assert isinstance(grounded[0], ToolSpec)
+
+
+def test_value_providers_keep_calls_on_live_values(engine):
+    seen = []
+
+    def open_tickets(config):
+        seen.append(config["configurable"]["user_id"])
+        return [3]
+
+    chat = DeltaMemChat(
+        engine=engine, max_new_tokens=80, value_providers={"lookup_ticket": {"ticket_id": open_tickets}}
+    )
+    bound = chat.bind_tools([lookup_ticket, create_ticket], tool_choice="any")
+    with Script(engine, '{"action": "lookup_ticket", "arguments": {"ticket_id": 5}}'):
+        reply = bound.invoke([HumanMessage("ticket 5?")], {"configurable": {"user_id": "dana"}})
+    assert reply.tool_calls[0]["args"] == {"ticket_id": 3} and seen == ["dana"]  # 5 is not the user's
+    none_open = chat.model_copy(update={"value_providers": {"lookup_ticket": {"ticket_id": lambda config: []}}})
+    with Script(engine, '{"action": "lookup_ticket", "arguments": {"ticket_id": 5}}'):
+        reply = none_open.bind_tools([lookup_ticket, create_ticket], tool_choice="any").invoke([HumanMessage("5?")])
+    assert [c["name"] for c in reply.tool_calls] == ["create_ticket"]  # lookup_ticket was not offered
+
+
+def test_no_repeat_ngrams_and_the_cycle_stop(engine):
+    prompt = engine.render_prompt([{"role": "user", "content": "hi"}])
+
+    def run(text, repetition):
+        settings = GenerationSettings(max_new_tokens=40, controls=(repetition,) if repetition else ())
+        with Script(engine, text):
+            return [e for e in engine.stream(None, prompt, settings) if isinstance(e, GenerationDone)][0]
+
+    looping = "abcd abcd abcd abcd abcd"
+    assert run(looping, None).text == looping
+    banned = run(looping, RepetitionSettings(ngram_size=4, max_ngram_repeats=1, penalty=1.0, stop_on_cycle=False))
+    assert max_ngram_count(engine.tokenizer, banned.text) <= 1
+    cycle = RepetitionSettings(max_ngram_repeats=100, penalty=1.0, stop_on_cycle=True)
+    stopped = run("It is open. It is open. It is open.", cycle)
+    assert stopped.text == "It is open. It is open." and stopped.finish_reason == "stop"
+
+
+def test_repetition_control_keeps_calls_parseable(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=120)  # repetition control on by default
+    call = '{"action": "create_ticket", "arguments": {"title": "aaaa aaaa aaaa aaaa"}}'
+    with Script(engine, call):
+        reply = chat.bind_tools([create_ticket]).invoke([SystemMessage("s"), HumanMessage("open one")])
+    assert reply.tool_calls[0]["name"] == "create_ticket"  # a looping value is cut short, the call still parses
+    assert reply.tool_calls[0]["args"]["title"] != "aaaa aaaa aaaa aaaa"
+    with Script(engine, '{"action": "reply", "text": "ok. ok. ok. ok."}'):
+        reply = chat.bind_tools([create_ticket]).invoke([HumanMessage("hi")])
+    assert reply.content == "ok. ok."
+
+
+def test_the_request_set_is_large_varied_and_split_in_fixed_halves():
+    everything = load_requests("all")
+    tune, held = load_requests("tune"), load_requests("held-out")
+    items = [i for s in everything.values() for i in s["items"]]
+    assert len(everything) >= 4 and all(5 <= len(s["tools"]) <= 8 for s in everything.values())
+    assert len(items) >= 120 and sum(i[1] == "reply" for i in items) >= 0.3 * len(items)
+    for name, spec in everything.items():
+        a, b = {i[0] for i in tune[name]["items"]}, {i[0] for i in held[name]["items"]}
+        assert not a & b and a | b == {i[0] for i in spec["items"]} and abs(len(a) - len(b)) <= 1
+        for text, _, stated in spec["items"]:
+            assert all(str(v) in text for v in stated.values())
+
+
+def test_copy_bias_pulls_argument_values_from_the_request(engine):
+    from deltamem_agents.serving.repetition import CopyBias
+
+    prompt = engine.render_prompt([{"role": "user", "content": "hi"}])
+    ids = engine.tokenizer("zq", add_special_tokens=False)["input_ids"]
+    settings = GenerationSettings(max_new_tokens=30, controls=(CopyBias(frozenset(ids), bonus=1e4, after="x"),))
+    with Script(engine, "ax ab"):
+        done = [e for e in engine.stream(None, prompt, settings) if isinstance(e, GenerationDone)][0]
+    assert done.text.startswith("ax") and set(done.text[2:]) <= set("zq")  # after "x", only request tokens
+
+
+def test_likelihood_choice_scores_the_conversation_not_the_tool_list(engine, monkeypatch):
+    import deltamem_agents.agents.chat as chat_module
+
+    seen = []
+    real = chat_module.choose_action
+    monkeypatch.setattr(chat_module, "choose_action", lambda e, s, m, *a, **k: seen.append(m) or real(e, s, m, *a, **k))
+    chat = DeltaMemChat(engine=engine, max_new_tokens=20, tool_scoring="likelihood")
+    chat.bind_tools([lookup_ticket, create_ticket]).invoke([SystemMessage("be nice"), HumanMessage("hi")])
+    assert seen == [[{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]]
