@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="short sizes for a smoke run")
     bench.add_argument("--out", default="docs/benchmarks", help="folder for results JSON, markdown and PNGs")
     bench.add_argument("--backbone", default="smollm2-135m-instruct")
-    bench.add_argument("--sections", default="scan,overhead,turns,checkpoints", help="comma-separated subset")
+    bench.add_argument("--sections", default="costs,scan,overhead,turns,checkpoints", help="comma-separated subset")
     bench.add_argument("--threads", type=int, default=1, help="torch threads (pin the process with taskset)")
     bench.add_argument("--turns", type=int, default=None, help="turns of the scripted conversation (50; quick 6)")
     bench.add_argument("--replay-every", type=int, default=None, help="time stateless replay every n-th turn")
