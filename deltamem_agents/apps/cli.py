@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--backbone", default="smollm2-135m-instruct")
     chat.add_argument("--adapter", help="folder of a saved adapter")
     chat.add_argument("--max-new-tokens", type=int, default=200)
-    bench = commands.add_parser("bench", help="benchmarks: scan, backbone overhead, turns vs replay, checkpoints")
+    bench = commands.add_parser(
+        "bench", help="benchmarks: costs (ratios vs targets), scan, backbone overhead, turns vs replay, checkpoints"
+    )
     bench.add_argument("--quick", action="store_true", help="short sizes for a smoke run")
     bench.add_argument("--out", default="docs/benchmarks", help="folder for results JSON, markdown and PNGs")
     bench.add_argument("--backbone", default="smollm2-135m-instruct")

@@ -10,8 +10,10 @@ turns the reads into the corrections ``{name: (B, T, out)}`` of the corrected pr
 :meth:`MemoryLayer.forward_reference` is the plain form (one matmul per projection, the token loop, a loop over
 messages): every fast path is tested against it (corrections, states and gradients).
 
-Fast-path details: the 4-5 input projections run as ONE matmul with a packed weight, and all corrections come
-from ONE matmul with a packed, pre-scaled weight (see :class:`PackedWeights`).
+Fast-path details: the 4-5 input projections run as ONE matmul with a packed weight (see :class:`PackedWeights`);
+corrections stay factored (:class:`Corrections`, reads times a pre-scaled weight block) and are added to each
+projection's output in one ``addmm``; with writes off the state is folded into those weights once per state
+(:meth:`MemoryLayer.read_operator`), so a read is the query projection and one ``addmm`` per projection.
 """
 
 import math
