@@ -68,8 +68,29 @@ def test_detach_restores_the_original_model_exactly(family):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+    assert not any("forward" in module.__dict__ for module in model.modules())  # projections' own forwards again
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
+
+
+def test_an_existing_instance_forward_is_wrapped_and_restored():
+    model = tiny_model("llama")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    calls = []
+
+    def wrapper(x):  # as accelerate's hooks do: an instance forward around the class forward
+        calls.append(1)
+        return type(q_proj).forward(q_proj, x)
+
+    q_proj.forward = wrapper
+    ids = tokens()
+    with torch.no_grad():
+        expected = model(ids).logits
+        attach_memory(model, DeltaMemConfig(correction_init="zero"))
+        assert torch.allclose(model(ids, cache=new_cache(model)).logits, expected, atol=1e-5)
+        assert len(calls) == 2  # the wrapper still runs under the memory
+        detach_memory(model)
+    assert q_proj.__dict__["forward"] is wrapper
 
 
 def test_only_memory_parameters_train_and_the_backbone_stays_bit_identical():

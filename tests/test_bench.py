@@ -19,6 +19,22 @@ def char_tokenizer(vocab_size: int):
     return char_level_tokenizer(chars, CHATML_PLAIN, vocab_size=vocab_size)
 
 
+def test_the_costs_section_prints_every_ratio_beside_its_target(tmp_path, capsys):
+    model = tiny_model("llama")
+    results = run_bench(tmp_path, quick=True, sections=("costs",), model=model, tokenizer=None, threads=None)
+    rows = results["sections"]["costs"]
+    assert [r["name"] for r in rows] == [
+        "decode read-only",
+        "decode TSW writes on",
+        "prefill 64 write",
+        *(f"scan H={h} {p}" for h in (1, 4) for p in ("forward", "forward+backward")),
+    ]
+    assert all(r["ratio"] > 0 and r["target"] and isinstance(r["met"], bool) for r in rows)
+    printed = capsys.readouterr().out
+    assert "machine:" in printed and "| decode read-only |" in printed  # one table, with the machine
+    assert "## Costs" in (tmp_path / "results-quick.md").read_text()
+
+
 @pytest.mark.parametrize("sections", [("scan", "overhead", "turns", "checkpoints")])
 def test_quick_bench_runs_end_to_end_and_writes_its_files(tmp_path, sections):
     model = tiny_model("llama")

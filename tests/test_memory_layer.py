@@ -159,3 +159,32 @@ def test_cpu_decode_source_is_a_package_file():
     from deltamem_agents.core.ops import cpu_decode
 
     assert cpu_decode.SOURCE.name == "cpu_decode.cpp" and "decode_step" in cpu_decode.SOURCE.read_text()
+
+
+def test_read_operator_cache_follows_the_state():
+    memory = layer("multi")
+    x, state, _, _ = inputs(memory, 2, 3, padded=False)
+    with torch.no_grad():
+        first = memory(x, state, False)[0]["q"].clone()
+        assert memory.read_operator(state) is memory.read_operator(state)  # cached for this state object
+        state.mul_(2.0)  # an in-place change (version bump) must rebuild it
+        assert torch.allclose(memory(x, state, False)[0]["q"], 2 * first)
+        other = state.clone()  # another state object: rebuilt, same values
+        assert torch.allclose(memory(x, other, False)[0]["q"], 2 * first)
+        memory.delta_q_proj.mul_(0.5)  # a weight update rebuilds the packed weights and the operator
+        assert torch.allclose(memory(x, other, False)[0]["q"], first)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_corrections_add_to_equals_output_plus_correction(grad):
+    memory = layer("multi")
+    x, state, _, _ = inputs(memory, 2, 4, padded=False)
+    one = state[:1]  # one state read by a batch of two (broadcast), and one state per example
+    with torch.set_grad_enabled(grad):
+        for writes, s in ((False, one), (False, state), (True, state)):
+            corrections, _ = memory(x, s, writes)
+            reference, _ = memory.forward_reference(x, s.expand(2, -1, -1, -1), writes)
+            output = torch.randn(2, 4, SHAPES.q_out, dtype=torch.float64)
+            expected = output + reference["q"]
+            assert rel_err(corrections.add_to("q", output.clone()), expected) < 1e-12
+            assert rel_err(corrections["q"], reference["q"]) < 1e-12

@@ -22,11 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--backbone", default=DEFAULT_BACKBONE)
     chat.add_argument("--adapter", help="folder of a saved adapter")
     chat.add_argument("--max-new-tokens", type=int, default=200)
-    bench = commands.add_parser("bench", help="benchmarks: scan, backbone overhead, turns vs replay, checkpoints")
+    bench = commands.add_parser(
+        "bench", help="benchmarks: costs (ratios vs targets), scan, backbone overhead, turns vs replay, checkpoints"
+    )
     bench.add_argument("--quick", action="store_true", help="short sizes for a smoke run")
     bench.add_argument("--out", default="docs/benchmarks", help="folder for results JSON, markdown and PNGs")
     bench.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    bench.add_argument("--sections", default="scan,overhead,turns,checkpoints", help="comma-separated subset")
+    bench.add_argument("--sections", default="costs,scan,overhead,turns,checkpoints", help="comma-separated subset")
     bench.add_argument("--threads", type=int, default=1, help="torch threads (pin the process with taskset)")
     bench.add_argument("--turns", type=int, default=None, help="turns of the scripted conversation (50; quick 6)")
     bench.add_argument("--replay-every", type=int, default=None, help="time stateless replay every n-th turn")

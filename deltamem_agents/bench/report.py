@@ -112,6 +112,10 @@ def to_markdown(results: dict) -> str:
         "measured in the same process with the order alternating.",
         "",
     ]
+    if "costs" in sections:
+        from deltamem_agents.bench.costs import costs_table
+
+        lines += ["## Costs: memory / plain, and chunked scan / token loop", "", costs_table(sections["costs"]), ""]
     if "scan" in sections:
         lines += [
             "## Scan: chunked vs token loop (B = 1, r = 8, float32)",

@@ -13,7 +13,7 @@ from deltamem_agents.bench.report import write_results
 from deltamem_agents.bench.timing import max_rss_bytes, use_clock
 from deltamem_agents.core.state import MemoryState
 
-SECTIONS = ("scan", "overhead", "turns", "checkpoints")
+SECTIONS = ("costs", "scan", "overhead", "turns", "checkpoints")
 
 
 def run_bench(
@@ -32,7 +32,8 @@ def run_bench(
 
     Args:
         quick: short sizes, for a smoke run (minutes instead of tens of minutes).
-        sections: any of ``scan``, ``overhead``, ``turns``, ``checkpoints``.
+        sections: any of ``costs`` (the issue-14 ratios side by side), ``scan``, ``overhead``, ``turns``,
+            ``checkpoints``.
         backbone: what :func:`load_backbone` loads (default: the embedded SmolLM2-135M); ignored if ``model``.
         threads: torch intra-op threads (1 by default: pin the process with ``taskset`` and compare ratios).
         model, tokenizer: an already loaded causal LM and tokenizer (tests pass a tiny random model).
@@ -46,7 +47,7 @@ def run_bench(
         raise ValueError(f"unknown bench sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if threads:
         torch.set_num_threads(threads)
-    needs_model = {"overhead", "turns"} & set(sections)
+    needs_model = {"costs", "overhead", "turns"} & set(sections)
     if model is None and needs_model:
         from deltamem_agents.models.backbone_zoo import DEFAULT_BACKBONE, load_backbone
 
@@ -65,6 +66,12 @@ def run_bench(
     print(f"machine: {machine}", flush=True)
     started = time.perf_counter()
     states: dict[str, MemoryState] = {}
+    if "costs" in sections:
+        from deltamem_agents.bench.costs import bench_costs, costs_table
+
+        print("costs: what memory costs, ratios side by side (memory / plain; scan: chunked / token loop)", flush=True)
+        results["sections"]["costs"] = bench_costs(model, device, quick)
+        print(f"machine: {machine}\n" + costs_table(results["sections"]["costs"]), flush=True)
     if "scan" in sections:
         from deltamem_agents.bench.scan import bench_scan
 

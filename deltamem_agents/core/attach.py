@@ -1,13 +1,16 @@
-"""attach_memory / detach_memory: add δ-mem to a loaded transformers causal LM in place, with hooks.
+"""attach_memory / detach_memory: add δ-mem to a loaded transformers causal LM in place.
 
-Nothing of the backbone is replaced: each attention module gets a child ``deltamem`` (a MemoryLayer) and
-forward hooks; ``detach_memory`` removes both, so the original modules are exactly as before.
+Nothing of the backbone is replaced: each attention module gets a child ``deltamem`` (a MemoryLayer), the
+decoder gets two hooks, and each corrected projection gets an instance ``forward`` (a CorrectedForward: its own
+forward plus the correction); ``detach_memory`` removes all three, so the original modules are exactly as before.
 
 Per forward call:
   decoder pre-hook   -> find the cache's carrier, the current tokens' padding mask; open a CallContext
-  attention pre-hook -> corrections, new state = memory(x, state, writes, mask, segment_ids)   (x = attention input)
-  q (k, v) hook      -> output + scale * W_dq read        (before q-norm and RoPE, which run after q_proj)
-  o hook             -> output + scale * W_do read
+  q_proj forward     -> q_proj(x) + correction, where corrections, new state = memory(x, state, writes, mask,
+                        segment_ids) runs once per layer (x = q_proj's input = the attention input; the q
+                        correction lands before q-norm and RoPE, which run after q_proj)
+  (k, v forwards     -> + their corrections, with ``corrections="qkvo"``)
+  o_proj forward     -> o_proj(attention) + correction
   decoder post-hook  -> close the CallContext (also on exceptions)
 
 Public helpers for code that drives the decoder itself (training, evaluation): :func:`decoder_of`,
@@ -42,6 +45,7 @@ class Attachment:
     layers: tuple[int, ...]
     modules: list[MemoryLayer]
     handles: list = field(default_factory=list)
+    patched: list = field(default_factory=list)  # projection modules whose forward is a CorrectedForward
     requires_grad_before: dict[str, bool] = field(default_factory=dict)
     fingerprinter: Fingerprinter = field(default_factory=Fingerprinter)
 
@@ -99,7 +103,7 @@ def attach_memory(model: nn.Module, config: DeltaMemConfig | None = None, dtype:
         memory.init_corrections(projection_weights(spec, attention))
         attention.add_module(MEMORY_MODULE_NAME, memory)
         attachment.modules.append(memory)
-        attachment.handles += _hook_attention(attention, memory, spec, position)
+        attachment.patched += _patch_attention(attention, memory, spec, position)
     decoder = resolve(model, spec.base_model)
     attachment.handles.append(decoder.register_forward_pre_hook(_decoder_pre_hook(attachment, model), with_kwargs=True))
     attachment.handles.append(decoder.register_forward_hook(_decoder_post_hook, always_call=True))
@@ -115,6 +119,8 @@ def detach_memory(model: nn.Module) -> nn.Module:
     try:
         for handle in attachment.handles:
             handle.remove()
+        for module in attachment.patched:
+            _unpatch(module)
     finally:
         for index in attachment.layers:
             attention = _attention(model, attachment.spec, index)
@@ -202,71 +208,105 @@ def _decoder_post_hook(module, args, output):
         CURRENT_CALL.reset(context.token)
 
 
-def _hook_attention(attention: nn.Module, memory: MemoryLayer, spec: BackboneSpec, position: int) -> list:
-    def pre_hook(module, args, kwargs):
+class CorrectedForward:
+    """The ``forward`` of a corrected projection while memory is attached: the projection's own forward, then
+    plus this layer's correction. Set as an instance attribute of the projection module (no module or parameter
+    is replaced, no hook dispatch per projection); :func:`detach_memory` deletes it, restoring the module.
+
+    The first input projection of a layer (q_proj, or gpt2's fused c_attn) sees x, the attention input: it runs
+    the layer's memory once (``MemoryLayer.forward``) and leaves the other corrections in the call's context for
+    k/v (qkvo) and o_proj, which pops them.
+
+    Args:
+        module: the projection (an ``nn.Linear`` or gpt2 ``Conv1D``).
+        memory: the layer's MemoryLayer; position: its index among the memory layers.
+        names: the corrections this forward adds (``("q",)``, ``("o",)``, or q/k/v slices of a fused projection).
+        columns: per name, the output columns it lands in (fused q/k/v), else None (the whole output).
+        computes: whether this projection runs the memory (the first input projection of the layer).
+        pops: whether this projection is the layer's last user of the corrections (o_proj).
+    """
+
+    def __init__(self, module, memory, position, names, columns, computes, pops):
+        self.module, self.memory, self.position = module, memory, position
+        self.names, self.columns, self.computes, self.pops = names, columns, computes, pops
+        self.previous = module.__dict__.get("forward")  # an instance forward set by someone else (accelerate)
+        self.class_forward = type(module).forward
+
+    def __call__(self, x, *args, **kwargs):
+        if self.previous is None:  # the projection's own forward
+            output = self.class_forward(self.module, x, *args, **kwargs)  # (B, T, out)
+        else:
+            output = self.previous(x, *args, **kwargs)
         context = CURRENT_CALL.get()
         if context is None:
-            return None  # attention called outside its decoder: behave as the plain backbone
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, d)
-        carrier = context.carrier
-        state = _state_for(carrier, position, x, memory)  # (B, H, r, r) or None
-        if state is None:
-            return None  # empty memory, no writes: every read is exactly 0
-        context.deltas[position], carrier.states[position] = memory(
-            x, state, carrier.writes, context.mask, context.segment_ids
-        )  # {name: (B, T, out)}, (B, H, r, r)
-        return None
-
-    def post_hook(module, args, output):
-        context = CURRENT_CALL.get()
-        if context is not None:
-            context.deltas.pop(position, None)
-
-    def correct(name: str, columns: slice | None = None):
-        def hook(module, args, output):
-            context = CURRENT_CALL.get()
-            deltas = context.deltas.get(position) if context is not None else None
+            return output  # called outside its decoder: behave as the plain backbone
+        if self.computes:
+            carrier = context.carrier
+            state = _state_for(carrier, self.position, x, self.memory)  # (B, H, r, r) or None
+            if state is None:
+                return output  # empty memory, no writes: every read is exactly 0
+            deltas, carrier.states[self.position] = self.memory(
+                x, state, carrier.writes, context.mask, context.segment_ids
+            )  # {name: (B, T, out)}, (B, H, r, r)
+            context.deltas[self.position] = deltas
+        else:
+            deltas = context.deltas.pop(self.position, None) if self.pops else context.deltas.get(self.position)
             if deltas is None:
-                return None
-            delta = deltas[name].to(output.dtype)  # (B, T, out)
+                return output
+        for name, columns in zip(self.names, self.columns):
             if columns is None:
-                return output + delta
-            return torch.cat(
-                [output[..., : columns.start], output[..., columns] + delta, output[..., columns.stop :]], -1
-            )
+                output = deltas.add_to(name, output)  # (B, T, out), one addmm
+            else:
+                delta = deltas[name].to(output.dtype)  # (B, T, out)
+                output = torch.cat(
+                    [output[..., : columns.start], output[..., columns] + delta, output[..., columns.stop :]], -1
+                )
+        return output
 
-        return hook
 
-    handles = [
-        attention.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        attention.register_forward_hook(post_hook, always_call=True),
-    ]
+def _patch_attention(attention: nn.Module, memory: MemoryLayer, spec: BackboneSpec, position: int) -> list:
+    """Set the CorrectedForward of each corrected projection of one attention module; returns the patched
+    modules in order, for :func:`_unpatch`."""
     names = memory.corrected
+    patches = []
     if spec.fused_qkv is not None:
-        fused = getattr(attention, spec.fused_qkv)
         width = projection_weights(spec, attention)["q"].shape[0]
-        for slot, name in enumerate(("q", "k", "v")):
-            if name in names:
-                columns = slice(slot * width, (slot + 1) * width)
-                handles.append(fused.register_forward_hook(correct(name, columns)))
+        chosen = [(name, slice(slot * width, (slot + 1) * width)) for slot, name in enumerate("qkv") if name in names]
+        patches.append((getattr(attention, spec.fused_qkv), tuple(n for n, _ in chosen), tuple(c for _, c in chosen)))
     else:
         for name in ("q", "k", "v"):
             if name in names:
-                handles.append(getattr(attention, getattr(spec, name)).register_forward_hook(correct(name)))
-    handles.append(getattr(attention, spec.o).register_forward_hook(correct("o")))
-    return handles
+                patches.append((getattr(attention, getattr(spec, name)), (name,), (None,)))
+    patches.append((getattr(attention, spec.o), ("o",), (None,)))
+    patched = []
+    for slot, (module, chosen, columns) in enumerate(patches):
+        last = slot == len(patches) - 1
+        module.forward = CorrectedForward(module, memory, position, chosen, columns, slot == 0, last)
+        patched.append(module)
+    return patched
+
+
+def _unpatch(module: nn.Module) -> None:
+    """Restore a projection patched by :func:`_patch_attention` to exactly its previous ``forward``."""
+    patch = module.__dict__.get("forward")
+    if not isinstance(patch, CorrectedForward):
+        return
+    if patch.previous is None:
+        del module.forward
+    else:
+        module.forward = patch.previous
 
 
 def _state_for(carrier: MemoryCarrier, position: int, x: torch.Tensor, memory: MemoryLayer) -> torch.Tensor | None:
-    """The state this call starts from ``(B, H, r, r)``: the carrier's (batch 1 broadcast to B), zeros when it is
-    empty and writes are on, or None when it is empty and writes are off (every read would be 0)."""
+    """The state this call starts from ``(B, H, r, r)``: the carrier's (batch 1 expanded to B when writing), zeros
+    when it is empty and writes are on, or None when it is empty and writes are off (every read would be 0)."""
     state = carrier.states[position]
     if state is None:
         if not carrier.writes:
             return None
         cfg = memory.config
         return x.new_zeros(x.shape[0], cfg.num_heads, cfg.rank, cfg.rank, dtype=torch.float32)
-    if state.shape[0] != x.shape[0]:
+    if state.shape[0] != x.shape[0] and (carrier.writes or state.shape[0] != 1):  # reads broadcast batch 1
         if state.shape[0] != 1:
             raise ConfigError(f"memory state has batch {state.shape[0]} but the input has batch {x.shape[0]}")
         state = state.expand(x.shape[0], -1, -1, -1)

@@ -10,11 +10,15 @@ turns the reads into the corrections ``{name: (B, T, out)}`` of the corrected pr
 :meth:`MemoryLayer.forward_reference` is the plain form (one matmul per projection, the token loop, a loop over
 messages): every fast path is tested against it (corrections, states and gradients).
 
-Fast-path details: the 4-5 input projections run as ONE matmul with a packed weight, and all corrections come
-from ONE matmul with a packed, pre-scaled weight (see :class:`PackedWeights`).
+Fast-path details: the 4-5 input projections run as ONE matmul with a packed weight (see :class:`PackedWeights`);
+corrections stay factored (:class:`Corrections`, reads times a pre-scaled weight block) and are added to each
+projection's output in one ``addmm``; with writes off the state is folded into those weights once per state
+(:meth:`MemoryLayer.read_operator`), so a read is the query projection and one ``addmm`` per projection.
 """
 
 import math
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -85,15 +89,64 @@ class PackedWeights:
     Attributes:
         projection: ``(n*R, d)`` memory q, k, v, beta [, lambda] weights stacked (n = 4 or 5).
         bias: ``(n*R,)`` zeros for q, k, v, then b_beta [, b_lambda].
+        query: ``(d, R)`` the memory query weight transposed (all a read with writes off needs).
         corrections: ``(R, sum out)`` every correction weight times the scale, stacked in ``corrected`` order
             and transposed, so ``reads @ corrections`` gives all corrections at once.
         sizes: the output size of each corrected projection (to split that product).
+        slices: per corrected name, its ``(R, out)`` column block of ``corrections`` (a view).
     """
 
     projection: torch.Tensor
     bias: torch.Tensor
+    query: torch.Tensor
     corrections: torch.Tensor
     sizes: tuple[int, ...]
+    slices: dict[str, torch.Tensor]
+
+
+class Corrections(Mapping):
+    """The corrections of one call, ``{name: (B, T, out)}``, kept factored as ``factor @ weights[name]`` until
+    used, so that :meth:`add_to` adds one to its projection's output in ONE ``addmm`` (no separate matmul, no
+    temporary). Indexing materialises a correction (tests, fused q/k/v projections).
+
+    Args:
+        factor: ``(B*T, R)`` the reads (or, with writes off, the unit queries), flattened over (B, T).
+        lead: ``(B, T)``.
+        weights: per name ``(R, out)``, or ``(B, R, out)`` (one per example), so correction = factor @ weight.
+        done: finished corrections ``{name: (B, T, out)}`` instead (the fused CPU kernel computes them itself).
+    """
+
+    def __init__(self, factor=None, lead=None, weights=None, done: dict[str, torch.Tensor] | None = None):
+        self.factor, self.lead, self.weights, self.done = factor, lead, weights, done
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self.done is not None:
+            return self.done[name]
+        weight = self.weights[name]  # (R, out) or (B, R, out)
+        factor = self.factor.to(weight.dtype)
+        if weight.dim() == 3:
+            return factor.view(*self.lead, -1) @ weight  # (B, T, out)
+        return (factor @ weight).view(*self.lead, -1)  # (B, T, out)
+
+    def __iter__(self):
+        return iter(self.done if self.done is not None else self.weights)
+
+    def __len__(self) -> int:
+        return len(self.done if self.done is not None else self.weights)
+
+    def add_to(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        """``output + self[name]`` for a projection output ``(B, T, out)``, in one op where dtypes allow (in
+        place without autograd: the output is the projection's fresh result)."""
+        if self.done is None and self.weights[name].dim() == 2:
+            weight = self.weights[name]  # (R, out)
+            if output.dtype == weight.dtype == self.factor.dtype:
+                if not torch.is_grad_enabled() and output.is_contiguous():
+                    output.view(-1, output.shape[-1]).addmm_(self.factor, weight)
+                    return output
+                flat = torch.addmm(output.reshape(-1, output.shape[-1]), self.factor, weight)  # (B*T, out)
+                return flat.view(output.shape)
+        delta = self[name]  # (B, T, out)
+        return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
 
 class MemoryLayer(nn.Module):
@@ -128,6 +181,8 @@ class MemoryLayer(nn.Module):
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
         # The packed-weight cache (see packed_weights): (key of the parameters it was built from, PackedWeights).
         self._packed_cache: tuple[tuple, PackedWeights] | None = None
+        # The read-operator cache (see read_operator): (weakref to the state, its version, PackedWeights, N).
+        self._read_cache: tuple | None = None
 
     @property
     def corrected(self) -> tuple[str, ...]:
@@ -161,7 +216,7 @@ class MemoryLayer(nn.Module):
         writes: bool,
         mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    ) -> tuple[Corrections, torch.Tensor]:
         """Read the memory for every position of ``x``, write it (if ``writes``), and return the corrections.
 
         Args:
@@ -172,23 +227,30 @@ class MemoryLayer(nn.Module):
             segment_ids: ``(B, T)`` message index per token for the ``segment`` strategy (-1: not written).
 
         Returns:
-            ``(corrections, new_state)``: ``{name: (B, T, out)}`` per corrected projection (float32+, views of
-            one tensor; add them to the projection outputs) and the new state ``(B, H, r, r)``.
+            ``(corrections, new_state)``: a :class:`Corrections` mapping ``{name: (B, T, out)}`` per corrected
+            projection (float32+; ``corrections.add_to(name, output)`` adds one to its projection's output) and
+            the new state ``(B, H, r, r)``.
         """
         path = self.path_for(x, state, writes, mask)
+        packed = self.packed_weights()
+        if path is ComputePath.READ:
+            return self.read_corrections(x, state, mask, packed), state
         if path is ComputePath.FUSED_CPU:
-            return self._step_fused_cpu(x, state)
-        reads, new_state = self._read_write(path, x, state, mask, segment_ids)  # (B, T, R), (B, H, r, r)
-        return self.corrections(reads), new_state
+            return self._step_fused_cpu(x, state, packed)
+        if path is ComputePath.SEGMENT:  # every token reads the state from before the call
+            return self.read_corrections(x, state, mask, packed), self.write_segments(x, state, mask, segment_ids)
+        reads, new_state = self._read_write(path, x, state, mask, segment_ids, packed)  # (B, T, R), (B, H, r, r)
+        return self.corrections(reads, packed), new_state
 
     def path_for(
         self, x: torch.Tensor, state: torch.Tensor, writes: bool, mask: torch.Tensor | None, fused: bool = True
     ) -> ComputePath:
         """The :func:`choose_path` entry for these tensors (``fused=False`` excludes the fused CPU kernel)."""
         length = x.shape[1]
+        if not writes:
+            return ComputePath.READ
         cpu_kernel = (
             fused
-            and writes
             and length == 1
             and cpu_decode.usable_for(x, state)
             and self.memory_q_proj.dtype == torch.float32
@@ -216,10 +278,11 @@ class MemoryLayer(nn.Module):
         state: torch.Tensor,
         mask: torch.Tensor | None,
         segment_ids: torch.Tensor | None,
+        packed: "PackedWeights | None" = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length = x.shape[:2]
         if path is ComputePath.STEP:
-            return self.decode_step(x, state)
+            return self.decode_step(x, state, packed)
         if path in (ComputePath.READ, ComputePath.SEGMENT):  # every token reads the state from before the call
             q = self.project_query(x)  # (B, T, H, r)
             reads = torch.einsum("bhij,bthj->bthi", state.to(q.dtype), q)  # (B, T, H, r)
@@ -227,7 +290,7 @@ class MemoryLayer(nn.Module):
                 reads = reads * mask.to(reads.dtype)[:, :, None, None]
             new_state = self.write_segments(x, state, mask, segment_ids) if path is ComputePath.SEGMENT else state
             return reads.reshape(batch, length, -1), new_state
-        q, k, v, beta, lam = self.project(x)  # (B, T, H, r) each; lam None when tied
+        q, k, v, beta, lam = self.project(x, packed)  # (B, T, H, r) each; lam None when tied
         if path is ComputePath.RECURRENT:
             new_state, reads = delta_scan_recurrent(state, q, k, v, beta, mask=mask, lam=lam)
         else:  # CHUNKED, GPU_PLUGIN: same contract; the plugin may ignore chunk_size
@@ -244,7 +307,7 @@ class MemoryLayer(nn.Module):
         changes: its in-place version counter (optimizer steps, ``copy_``) or its data pointer (``.to``,
         ``load_state_dict`` with assign) moves. With gradients they are built per call, so autograd sees the
         parameters."""
-        params = list(self.parameters())
+        params = self._parameters.values()  # this module's own parameters (it has no submodules)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self._build_packed()
         # Inference-mode tensors must not leak into code that runs with autograd later: part of the key.
@@ -261,20 +324,24 @@ class MemoryLayer(nn.Module):
             weights.append(self.lambda_proj)
             biases.append(self.lambda_bias)
         deltas = [getattr(self, f"delta_{name}_proj") for name in self.corrected]  # (out, R) each
+        sizes = tuple(d.shape[0] for d in deltas)
+        corrections = (self.config.scale * torch.cat(deltas, dim=0)).t().contiguous()  # (R, sum out)
         return PackedWeights(
             projection=torch.cat(weights, dim=0),  # (n*R, d)
             bias=torch.cat(biases, dim=0),  # (n*R,)
-            corrections=(self.config.scale * torch.cat(deltas, dim=0)).t().contiguous(),  # (R, sum out)
-            sizes=tuple(d.shape[0] for d in deltas),
+            query=self.memory_q_proj.t().contiguous(),  # (d, R)
+            corrections=corrections,
+            sizes=sizes,
+            slices=dict(zip(self.corrected, corrections.split(sizes, dim=1))),  # (R, out) views
         )
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor, packed: PackedWeights | None = None) -> tuple[torch.Tensor, ...]:
         """Memory vectors and gates: q, k, v, beta, lam, each ``(*lead, H, r)`` for ``x`` of ``(*lead, d)``.
 
         One matmul with the packed weight; equals :meth:`project_reference` up to float rounding. ``lam`` is
         None for the tied gate (the scans then use 1 - beta)."""
         h, r, width = self.config.num_heads, self.config.rank, self.config.read_dim
-        packed = self.packed_weights()
+        packed = packed or self.packed_weights()
         z = F.linear(x.to(packed.projection.dtype), packed.projection, packed.bias)  # (*lead, n*R)
         lead = z.shape[:-1]
         qk = _unit(torch.tanh(z[..., : 2 * width]).view(*lead, 2, h, r))  # (*lead, 2, H, r)
@@ -302,32 +369,86 @@ class MemoryLayer(nn.Module):
             lam = 1.0 - beta
         return beta, lam
 
-    def corrections(self, reads: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every correction from one matmul with the packed weight: ``{name: (B, T, out)}`` (views of one
-        tensor); equals :meth:`correction` per name up to float rounding."""
-        packed = self.packed_weights()
-        product = reads.to(packed.corrections.dtype) @ packed.corrections  # (B, T, sum out)
-        return dict(zip(self.corrected, product.split(packed.sizes, dim=-1)))
+    def corrections(self, reads: torch.Tensor, packed: PackedWeights | None = None) -> Corrections:
+        """The corrections ``{name: (B, T, out)}`` of reads ``(B, T, R)``, factored as ``reads @ (R, out)`` blocks
+        of the packed pre-scaled weight; equal :meth:`correction` per name up to float rounding."""
+        packed = packed or self.packed_weights()
+        factor = reads.reshape(-1, reads.shape[-1]).to(packed.corrections.dtype)  # (B*T, R)
+        return Corrections(factor, reads.shape[:-1], packed.slices)
+
+    # reads with writes off
+
+    def read_operator(self, state: torch.Tensor, packed: PackedWeights | None = None) -> dict[str, torch.Tensor]:
+        """Per corrected name ``N (B, R, out)`` (``(R, out)`` for a batch-1 state): the state folded into the
+        packed corrections, so that with writes off a correction of a query is ONE matmul, ``q_flat @ N``:
+
+            corrections = (S q) @ W = q @ N,   N[b, h*r + j, :] = sum_i S[b, h, i, j] W[h*r + i, :]
+
+        Without autograd it is cached for the last state tensor seen (held by a weak reference and checked with
+        its in-place version) and the current packed weights: a chat decodes many tokens from one state."""
+        packed = packed or self.packed_weights()
+        if torch.is_grad_enabled() and (state.requires_grad or packed.corrections.requires_grad):
+            return self._build_read_operator(state, packed)
+        hit = self._read_cache
+        if hit is not None and hit[0]() is state and hit[1] == state._version and hit[2] is packed:
+            return hit[3]
+        with torch.no_grad():
+            operator = self._build_read_operator(state, packed)
+        self._read_cache = (weakref.ref(state), state._version, packed, operator)
+        return operator
+
+    def _build_read_operator(self, state: torch.Tensor, packed: PackedWeights) -> dict[str, torch.Tensor]:
+        h, r = self.config.num_heads, self.config.rank
+        weight = packed.corrections.view(h, r, -1)  # (H, r, sum out)   row h*r + i
+        operator = torch.einsum("bhij,hio->bhjo", state.to(weight.dtype), weight)  # (B, H, r, sum out)
+        operator = operator.reshape(state.shape[0], h * r, -1)  # (B, R, sum out)
+        operator = operator[0] if state.shape[0] == 1 else operator  # 2D: one plain addmm per projection
+        return dict(zip(self.corrected, operator.split(packed.sizes, dim=-1)))  # name -> ([B,] R, out) views
+
+    def read_corrections(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        packed: PackedWeights | None = None,
+    ) -> Corrections:
+        """Corrections ``{name: (B, T, out)}`` of a read of ``state`` (writes off), factored as the unit query
+        times :meth:`read_operator`: the query projection, then one matmul per projection (fused into its
+        output by ``Corrections.add_to``). A batch-1 state serves an input of any batch (broadcast)."""
+        packed = packed or self.packed_weights()
+        flat = x.reshape(-1, x.shape[-1])  # (B*T, d)
+        if flat.dtype != packed.query.dtype:
+            flat = flat.to(packed.query.dtype)
+        q = torch.mm(flat, packed.query)  # (B*T, R)
+        inplace = not torch.is_grad_enabled()  # serving: no temporaries
+        q = q.tanh_() if inplace else torch.tanh(q)
+        q = _unit_heads(q, self.config.num_heads, self.config.rank, inplace)  # (B*T, R)
+        if mask is not None:
+            q = q * mask.reshape(-1, 1).to(q.dtype)  # padding reads 0
+        return Corrections(q, x.shape[:-1], self.read_operator(state, packed))  # name -> ([B,] R, out)
 
     # one-token and segment writes
 
-    def decode_step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_step(
+        self, x: torch.Tensor, state: torch.Tensor, packed: PackedWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Read and write ONE token (token and multi strategies) with :func:`delta_step`.
 
         Args: x ``(B, 1, d)``, state ``(B, H, r, r)``. Returns reads ``(B, 1, R)`` and the new state."""
-        q, k, v, beta, lam = self.project(x[:, 0])  # (B, H, r) each
+        q, k, v, beta, lam = self.project(x[:, 0], packed)  # (B, H, r) each
         if state.dtype != q.dtype:
             dtype = compute_dtype(state, q)
             state, q, k, v, beta = (t.to(dtype) for t in (state, q, k, v, beta))
             lam = lam.to(dtype) if lam is not None else None
         new_state, read = delta_step(state, q, k, v, beta, lam)  # (B, H, r, r), (B, H, r)
-        return read.view(x.shape[0], 1, self.config.read_dim), new_state
+        return read.view(x.shape[0], 1, self.config.read_dim), new_state  # (B, 1, R), (B, H, r, r)
 
-    def _step_fused_cpu(self, x: torch.Tensor, state: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _step_fused_cpu(
+        self, x: torch.Tensor, state: torch.Tensor, packed: PackedWeights
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """ComputePath.FUSED_CPU: :meth:`decode_step` and the corrections in one call of the C++ kernel.
 
         Args: x ``(B, 1, d)``, state ``(B, H, r, r)``; float32 on the CPU, no autograd (see ``path_for``)."""
-        packed = self.packed_weights()
         cfg = self.config
         *deltas, new_state = cpu_decode.kernel().decode_step(
             x,
@@ -341,7 +462,7 @@ class MemoryLayer(nn.Module):
             self.separate_forget_gate,
             NORM_EPS,
         )  # (B, 1, out) per corrected projection, (B, H, r, r)
-        return dict(zip(self.corrected, deltas)), new_state
+        return Corrections(done=dict(zip(self.corrected, deltas))), new_state
 
     def write_segments(
         self,
@@ -423,6 +544,15 @@ class MemoryLayer(nn.Module):
                     s, _ = delta_scan_recurrent(s, q, k, v, beta, lam=lam)
             out.append(s)
         return torch.cat(out, dim=0)  # (B, H, r, r)
+
+
+def _unit_heads(x: torch.Tensor, heads: int, rank: int, inplace: bool) -> torch.Tensor:
+    """:func:`_unit` per head of ``x (N, H*r)``; in place when ``inplace`` (no autograd)."""
+    parts = x if heads == 1 else x.view(-1, heads, rank)  # (N, r) or (N, H, r)
+    norm = torch.linalg.vector_norm(parts, dim=-1, keepdim=True)  # (N, [H,] 1)
+    if inplace:
+        return parts.div_(norm.clamp_min_(NORM_EPS)).view(x.shape)
+    return (parts / norm.clamp_min(NORM_EPS)).view(x.shape)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -71,14 +71,16 @@ def delta_scan_chunked(
     decay = (cum_excl[..., :, None] - col[..., None, :]).clamp_max_(0.0).exp_()  # (X, N, r, C, C)   D~
     strictly_lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(-1)  # (C, C) [t, j], j < t
     qk_kk = (torch.cat([qc, kc], dim=-2) @ kc.transpose(-1, -2)).view(bh, n, 2, 1, c, c) * strictly_lower
-    both = decay[:, :, None] * qk_kk  # (X, N, 2, r, C, C)   [0]: D~ * QK (reads), [1]: D~ * KK (system)
+    # Two products with one broadcast each (over rows): faster than one product broadcasting two ways.
+    read_matrix = decay * qk_kk[:, :, 0]  # (X, N, r, C, C)   D~ * QK
+    system = decay * qk_kk[:, :, 1]  # (X, N, r, C, C)   D~ * KK
 
     # z = z_free - W s0 (per row i), with (I + D~ * KK) [z_free, W] = [v, e^{P-} K]; solved as row vectors.
     e_excl = cum_excl.exp()  # (X, N, r, C)
     kt = kc.transpose(-1, -2)  # (X, N, r, C)
     rhs_t = torch.cat([v_r[..., None, :], e_excl[..., None, :] * kt[:, :, None]], dim=-2)  # (X, N, r, 1+r, C)
     solved = torch.linalg.solve_triangular(
-        both[:, :, 1].transpose(-1, -2), rhs_t, upper=True, left=False, unitriangular=True
+        system.transpose(-1, -2), rhs_t, upper=True, left=False, unitriangular=True
     )  # (X, N, r, 1+r, C)
     z_free, w_t = solved[..., 0, :], solved[..., 1:, :]  # (X, N, r, C), (X, N, r, r, C)
 
@@ -92,9 +94,10 @@ def delta_scan_chunked(
     s0 = _chunk_starts(m, b, state.to(dtype).reshape(bh, rank, rank))  # (X, N, r, r)   state at each chunk start
     s_end = (s0[:, -1, :, None, :] @ m[:, -1])[..., 0, :] + b[:, -1]  # (X, r, r)
 
-    z = z_free - (s0[..., None, :] @ w_t)[..., 0, :]  # (X, N, r, C)
+    # Tiny per-row products as broadcast multiply + sum: batched matmuls of 1 x r or 1 x C rows are slow on CPU.
+    z = z_free - (s0[..., :, None] * w_t).sum(-2)  # (X, N, r, C)   sum over d of s0[i, d] W[i, d, t]
     reads = e_excl * (s0 @ qc.transpose(-1, -2))  # (X, N, r, C)   from the chunk-start state
-    reads = reads + (both[:, :, 0] @ z[..., None])[..., 0]  # (X, N, r, C)   from this chunk's earlier tokens
+    reads = reads + (read_matrix * z[..., None, :]).sum(-1)  # (X, N, r, C)   from this chunk's earlier tokens
     reads = reads.reshape(batch, heads, n, rank, c).permute(0, 2, 4, 1, 3).reshape(batch, n * c, heads, rank)
     reads = reads[:, :length]  # (B, T, H, r)
     if mask is not None:

@@ -24,9 +24,12 @@ def delta_step(
     Returns:
         ``(new_state, read)``: ``(B, H, r, r)`` and ``(B, H, r)``; the read comes from the state BEFORE the write.
     """
-    lam = (1.0 - beta) if lam is None else lam
     both = state @ torch.stack([q, k], dim=-1)  # (B, H, r, 2)   S q and S k in one matmul
     read, recalled = both[..., 0], both[..., 1]  # (B, H, r)
     error = beta * (v - recalled)  # (B, H, r)   erase uses beta, not lam * beta
-    new_state = torch.addcmul(lam[..., None] * state, error[..., None], k[..., None, :])  # (B, H, r, r)
+    if lam is None:  # tied gate: lam * S = S - beta * S, one op
+        decayed = torch.addcmul(state, beta[..., None], state, value=-1.0)  # (B, H, r, r)
+    else:
+        decayed = lam[..., None] * state  # (B, H, r, r)
+    new_state = torch.addcmul(decayed, error[..., None], k[..., None, :])  # (B, H, r, r)
     return new_state, read
