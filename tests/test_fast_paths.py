@@ -2,26 +2,12 @@
 
 import pytest
 import torch
+from tiny_models import LAYER_SHAPES as SHAPES
+from tiny_models import memory_layer as layer
+from tiny_models import rel_err
 
 from deltamem_agents import DeltaMemConfig
-from deltamem_agents.core.backbones import AttentionShapes
-from deltamem_agents.core.memory_layer import MemoryLayer
 from deltamem_agents.core.ops import delta_scan_recurrent, delta_step
-
-SHAPES = AttentionShapes(hidden=24, q_out=24, k_out=12, v_out=12, o_out=24)
-
-
-def layer(write="token", forget_gate="tied", seed=0):
-    torch.manual_seed(seed)
-    memory = MemoryLayer(DeltaMemConfig(write=write, forget_gate=forget_gate, rank=4, num_states=3), SHAPES).double()
-    with torch.no_grad():
-        for param in memory.parameters():  # gates and corrections start at 0: make every path non-trivial
-            param.add_(0.3 * torch.randn_like(param))
-    return memory
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("heads", [1, 4])

@@ -3,27 +3,14 @@ path table; the public helpers (gates, decoder_of, attention_modules, DeltaMemCa
 
 import pytest
 import torch
+from tiny_models import LAYER_SHAPES as SHAPES
+from tiny_models import memory_layer as layer
+from tiny_models import rel_err
 
 from deltamem_agents import DeltaMemConfig, attach_memory, new_cache
-from deltamem_agents.core.backbones import AttentionShapes
-from deltamem_agents.core.memory_layer import RECURRENT_MAX_TOKENS, ComputePath, MemoryLayer, choose_path
+from deltamem_agents.core.memory_layer import RECURRENT_MAX_TOKENS, ComputePath, choose_path
 
-SHAPES = AttentionShapes(hidden=24, q_out=24, k_out=12, v_out=12, o_out=24)
 STRATEGIES = ["token", "segment", "multi"]
-
-
-def layer(write="token", forget_gate="tied", corrections="qo", seed=0):
-    torch.manual_seed(seed)
-    config = DeltaMemConfig(write=write, forget_gate=forget_gate, corrections=corrections, rank=4, num_states=3)
-    memory = MemoryLayer(config, SHAPES).double()
-    with torch.no_grad():
-        for param in memory.parameters():  # gates and corrections start at 0: make every path non-trivial
-            param.add_(0.3 * torch.randn_like(param))
-    return memory
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def inputs(memory, batch, length, padded, seed=0):

@@ -11,6 +11,10 @@ from transformers import (
     SmolLM3Config,
 )
 
+from deltamem_agents import DeltaMemConfig
+from deltamem_agents.core.backbones import AttentionShapes
+from deltamem_agents.core.memory_layer import MemoryLayer
+
 VOCAB = 97
 COMMON = dict(
     vocab_size=VOCAB,
@@ -64,3 +68,24 @@ def randomize_memory(model, seed: int = 1, scale: float = 0.5) -> None:
             if name.endswith("beta_bias"):
                 noise = noise - 1.0
             param.copy_(noise.to(param.dtype))
+
+
+# One memory layer on its own, for the tests of its compute paths (tests/test_memory_layer.py, test_fast_paths.py).
+LAYER_SHAPES = AttentionShapes(hidden=24, q_out=24, k_out=12, v_out=12, o_out=24)
+
+
+def memory_layer(write="token", forget_gate="tied", corrections="qo", seed=0) -> MemoryLayer:
+    """A float64 MemoryLayer (r = 4, 3 states for ``multi``) with every parameter moved off its init, so gates and
+    corrections (which start at 0) make every path non-trivial. Seeds torch's global generator."""
+    torch.manual_seed(seed)
+    config = DeltaMemConfig(write=write, forget_gate=forget_gate, corrections=corrections, rank=4, num_states=3)
+    memory = MemoryLayer(config, LAYER_SHAPES).double()
+    with torch.no_grad():
+        for param in memory.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return memory
+
+
+def rel_err(a, b):
+    """max |a - b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()

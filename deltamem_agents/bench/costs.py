@@ -15,9 +15,8 @@ import torch
 from transformers import DynamicCache
 
 from deltamem_agents import DeltaMemConfig, attach_memory, new_cache
-from deltamem_agents.bench.scan import _runner, scan_inputs
-from deltamem_agents.bench.timing import alternate, median, paired_ratio, timed
-from deltamem_agents.core.ops import delta_scan_chunked, delta_scan_recurrent
+from deltamem_agents.bench.scan import time_scans
+from deltamem_agents.bench.timing import median, paired_ratio, timed
 
 TARGETS = {
     "decode read-only": 0.97,
@@ -127,15 +126,7 @@ def bench_costs(model, device: torch.device, quick: bool = False, rounds: int | 
     del plain, memory
     for heads in (1, 4):
         for backward in (False, True):
-            inputs = scan_inputs(length, heads, device, grad=backward)
-            seconds = alternate(
-                {
-                    "recurrent": _runner(delta_scan_recurrent, inputs, backward, device),
-                    "chunked": _runner(delta_scan_chunked, inputs, backward, device),
-                },
-                rounds=rounds,
-                warmup=1,
-            )
+            seconds = time_scans(length, heads, backward, device, rounds)
             label = "forward+backward" if backward else "forward"
             loop, chunked = median(seconds["recurrent"]), median(seconds["chunked"])
             add(

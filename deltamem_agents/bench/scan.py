@@ -43,6 +43,20 @@ def _runner(fn, inputs: list[torch.Tensor], backward: bool, device: torch.device
     return run
 
 
+def time_scans(length: int, heads: int, backward: bool, device: torch.device, rounds: int) -> dict[str, list[float]]:
+    """Seconds per round of the token loop (``recurrent``) and the chunked scan on the same inputs, the two run
+    alternately after one warm-up round."""
+    inputs = scan_inputs(length, heads, device, grad=backward)
+    return alternate(
+        {
+            "recurrent": _runner(delta_scan_recurrent, inputs, backward, device),
+            "chunked": _runner(delta_scan_chunked, inputs, backward, device),
+        },
+        rounds=rounds,
+        warmup=1,
+    )
+
+
 def bench_scan(device: torch.device, quick: bool = False, rounds: int | None = None) -> list[dict]:
     """One row per (T, H, pass): tokens/s of both scans and the speed-up, medians over alternating rounds."""
     rows = []
@@ -51,15 +65,7 @@ def bench_scan(device: torch.device, quick: bool = False, rounds: int | None = N
     for length in lengths:
         for heads in HEADS:
             for backward in (False, True):
-                inputs = scan_inputs(length, heads, device, grad=backward)
-                seconds = alternate(
-                    {
-                        "recurrent": _runner(delta_scan_recurrent, inputs, backward, device),
-                        "chunked": _runner(delta_scan_chunked, inputs, backward, device),
-                    },
-                    rounds=rounds,
-                    warmup=1,
-                )
+                seconds = time_scans(length, heads, backward, device, rounds)
                 rows.append(
                     {
                         "T": length,

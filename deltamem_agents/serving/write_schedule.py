@@ -118,15 +118,16 @@ def write_messages(
     attachment = attachment_of(model)
     cfg = attachment.config
     device = attachment.device(model)
+    fingerprint = attachment.fingerprint(model)  # hashes the weights' versions: once per call
     if state is None:
         tensor = torch.zeros(len(attachment.layers), 1, cfg.num_heads, cfg.rank, cfg.rank)  # (L, 1, H, r, r)
     else:
-        state.check_compatible(attachment.fingerprint(model), attachment.layers)
+        state.check_compatible(fingerprint, attachment.layers)
         tensor = state.tensor
     pieces = message_pieces(tokenizer, messages, max_piece_tokens)
     if not pieces:
-        return state or MemoryState(tensor, attachment.fingerprint(model), attachment.layers), 0
+        return state or MemoryState(tensor, fingerprint, attachment.layers), 0
     with torch.no_grad():
         states = run_write_calls(model, schedule_calls([pieces]), list(tensor.to(device, torch.float32).unbind(0)))
     written = torch.stack([s.detach().float().cpu() for s in states])  # (L, 1, H, r, r)
-    return MemoryState(written, attachment.fingerprint(model), attachment.layers), sum(p.shape[0] for p in pieces)
+    return MemoryState(written, fingerprint, attachment.layers), sum(p.shape[0] for p in pieces)
