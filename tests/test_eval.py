@@ -156,3 +156,12 @@ def test_locomo_text_is_not_written_to_reports(tmp_path):
     write_report([record], tmp_path, "l")
     text = (tmp_path / "l.json").read_text()
     assert '"question"' not in text and '"answer"' not in text and '"prediction"' not in text
+
+
+def test_plain_methods_leave_a_model_without_memory_as_it_was(tmp_path):
+    from deltamem_agents import has_memory
+
+    model = tiny_model("llama", seed=0)
+    records = runner.evaluate(model, char_tokenizer(), "toy", conversations(), ["window"], tmp_path, max_new_tokens=2)
+    assert len(records) == 3 * 2 and all(r["decoding"] == "greedy" for r in records)
+    assert not has_memory(model)  # the evaluation's own identity memory is detached again

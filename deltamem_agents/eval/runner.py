@@ -4,7 +4,7 @@ import json
 import time
 from pathlib import Path
 
-from deltamem_agents import MemoryState, adapter_fingerprint, has_memory
+from deltamem_agents import MemoryState, adapter_fingerprint, detach_memory, has_memory
 from deltamem_agents.eval.methods import METHODS, build_prompt
 from deltamem_agents.eval.scoring import score
 from deltamem_agents.eval.tasks import EvalConversation
@@ -60,6 +60,7 @@ def evaluate(
     fingerprint = adapter_fingerprint(model) if has_memory(model) else None
     if any(METHODS[m].memory for m in methods) and fingerprint is None:
         raise ValueError("δ-mem methods need an adapter: load one (--adapter) or leave them out")
+    attached_here = not has_memory(model)
     engine = MemoryEngine(model, tokenizer)  # without an adapter: zero-init memory, read only as the empty state
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     decoding_record = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "stop": list(settings.stop)}
@@ -86,50 +87,54 @@ def evaluate(
                 states[conversation.id] = (state, seconds)
         return states[conversation.id]
 
-    records = []
-    for index, conversation in enumerate(conversations):
-        questions = _subset(conversation.questions, questions_per_conversation)
-        for name in methods:
-            method = METHODS[name]
-            key = f"{name}-{fingerprint}" if method.memory else name
-            path = out_dir / task / key / f"{_safe(conversation.id)}.json"
-            if path.is_file():
-                records += json.loads(path.read_text())
-                continue
-            state, write_seconds = None, 0.0
-            if method.memory == "own":
-                state, write_seconds = state_of(index)
-            elif method.memory == "other":
-                state, write_seconds = state_of((index + 1) % len(conversations))
-            rows = []
-            for number, q in enumerate(questions):
-                messages = build_prompt(
-                    method, conversation, q.question, system_prompt, count_tokens, window, max_prompt_tokens
-                )
-                tick = time.perf_counter()
-                prediction, prompt_tokens = answer(engine, messages, state, settings)
-                latency = time.perf_counter() - tick + write_seconds / max(1, len(questions))
-                rows.append(
-                    {
-                        "task": task,
-                        "method": name,
-                        "conversation": conversation.id,
-                        "question_index": number,
-                        "question": q.question,
-                        "answer": q.answer,
-                        "category": q.category,
-                        "prediction": prediction,
-                        "prompt_tokens": prompt_tokens,
-                        "latency_s": latency,
-                        "adapter": fingerprint if method.memory else None,
-                        **decoding_record,
-                        **score(prediction, q.answer, q.category),
-                    }
-                )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(rows, indent=1))
-            records += rows
-            log(f"{task} {conversation.id} {name}: contains {sum(r['contains'] for r in rows)}/{len(rows)}")
+    try:
+        records = []
+        for index, conversation in enumerate(conversations):
+            questions = _subset(conversation.questions, questions_per_conversation)
+            for name in methods:
+                method = METHODS[name]
+                key = f"{name}-{fingerprint}" if method.memory else name
+                path = out_dir / task / key / f"{_safe(conversation.id)}.json"
+                if path.is_file():
+                    records += json.loads(path.read_text())
+                    continue
+                state, write_seconds = None, 0.0
+                if method.memory == "own":
+                    state, write_seconds = state_of(index)
+                elif method.memory == "other":
+                    state, write_seconds = state_of((index + 1) % len(conversations))
+                rows = []
+                for number, q in enumerate(questions):
+                    messages = build_prompt(
+                        method, conversation, q.question, system_prompt, count_tokens, window, max_prompt_tokens
+                    )
+                    tick = time.perf_counter()
+                    prediction, prompt_tokens = answer(engine, messages, state, settings)
+                    latency = time.perf_counter() - tick + write_seconds / max(1, len(questions))
+                    rows.append(
+                        {
+                            "task": task,
+                            "method": name,
+                            "conversation": conversation.id,
+                            "question_index": number,
+                            "question": q.question,
+                            "answer": q.answer,
+                            "category": q.category,
+                            "prediction": prediction,
+                            "prompt_tokens": prompt_tokens,
+                            "latency_s": latency,
+                            "adapter": fingerprint if method.memory else None,
+                            **decoding_record,
+                            **score(prediction, q.answer, q.category),
+                        }
+                    )
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(rows, indent=1))
+                records += rows
+                log(f"{task} {conversation.id} {name}: contains {sum(r['contains'] for r in rows)}/{len(rows)}")
+    finally:
+        if attached_here:  # leave the caller's model as it was given
+            detach_memory(model)
     return records
 
 
