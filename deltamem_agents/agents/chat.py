@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Literal
 
 import torch
@@ -23,13 +24,18 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field
 
+from deltamem_agents.agents.call_options import resolve_call_options
 from deltamem_agents.agents.store import InMemoryStore, ThreadMemory
 from deltamem_agents.agents.turn import WindowPolicy, plan_turn
+from deltamem_agents.core.errors import ConfigError, DeltaMemError
 from deltamem_agents.core.state import MemoryState
 from deltamem_agents.models import DEFAULT_BACKBONE
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
@@ -56,6 +62,10 @@ THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread id)
 THREAD_KWARG = "deltamem_thread_id"
 VALUES_KWARG = "deltamem_live_values"  # {tool: {argument: values}} from value_providers, resolved per call
 EMBEDDED_BACKBONE = "smollm2-135m-instruct"
+
+
+class StructuredOutputError(DeltaMemError, ValueError):
+    """``with_structured_output`` got no complete object (e.g. the reply hit the token limit)."""
 
 
 @dataclass
@@ -114,26 +124,29 @@ class DeltaMemChat(BaseChatModel):
         (2.0 by default for the embedded backbone), so stated numbers and names are copied.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    # Unknown constructor arguments are an error (pydantic's own message names them), not silently ignored;
+    # ``max_tokens`` and ``model`` are accepted as the LangChain spellings of ``max_new_tokens`` / ``model_name``.
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
 
     engine: Any = Field(exclude=True)
     window_messages: int = 4
     window_tokens: int = 768
     recall: Literal["latent", "latent+retrieval"] = "latent+retrieval"
     notes_tokens: int = 192
-    max_new_tokens: int = 160
+    max_new_tokens: int = Field(160, alias="max_tokens", gt=0)
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
     store: Any = Field(default_factory=InMemoryStore, exclude=True)
-    model_name: str = "deltamem"
+    model_name: str = Field("deltamem", alias="model")
     tool_preselect: int | None = None
     tool_scoring: Literal["grammar", "likelihood"] = "grammar"
     reply_bias: float = 0.0
     value_providers: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
     repetition: RepetitionSettings | None = Field(default_factory=RepetitionSettings)
     copy_bias: float = 0.0
+    streaming: bool = False  # LangChain's convention; tokens reach callbacks' on_llm_new_token either way
 
     @classmethod
     def from_backbone(
@@ -164,6 +177,7 @@ class DeltaMemChat(BaseChatModel):
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "deltamem"
         params["ls_model_name"] = kwargs.get("model", self.model_name)
+        params["ls_max_tokens"] = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_new_tokens))
         return params
 
     @property
@@ -190,7 +204,36 @@ class DeltaMemChat(BaseChatModel):
         (default: reply or call), "any"/"required" (must call), "none", or a tool name."""
         formatted = [convert_to_openai_tool(tool) for tool in tools]
         allowed_actions(tool_specs(formatted), tool_choice)  # validate names and tool_choice now
+        resolve_call_options(kwargs, self.model_name)  # and the other arguments
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self, schema, *, include_raw: bool = False, on_cutoff: Literal["raise", "none"] = "raise", **kwargs: Any
+    ):
+        """Structured output through a forced tool call decoded under the schema's grammar (LangChain's
+        ``function_calling`` method: pydantic classes, TypedDicts or JSON schemas). When the reply is cut off
+        (``max_tokens``) before the object is complete, ``on_cutoff="raise"`` (the default) raises
+        :class:`StructuredOutputError` saying so (with ``include_raw=True`` it is returned as ``parsing_error``
+        beside the raw message, LangChain's convention); ``"none"`` returns None as LangChain's default does."""
+        if on_cutoff not in ("raise", "none"):
+            raise ConfigError(f"on_cutoff must be 'raise' or 'none', got {on_cutoff!r}")
+        kwargs.pop("method", None)
+        kwargs.pop("strict", None)
+        if kwargs:
+            raise ConfigError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
+        if on_cutoff == "none":
+            return super().with_structured_output(schema, include_raw=include_raw)
+        llm = self.bind_tools(
+            [schema],
+            tool_choice="any",
+            ls_structured_output_format={"kwargs": {"method": "function_calling"}, "schema": schema},
+        )
+        parser = RunnableLambda(_require_tool_call, name="require_complete_object") | _tool_parser(schema)
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     # ---- one turn -------------------------------------------------------------------------------------------
 
@@ -276,6 +319,7 @@ class DeltaMemChat(BaseChatModel):
     def _events(self, messages: list[BaseMessage], stop, kwargs) -> Iterator[ChatGenerationChunk]:
         """The turn as chunks: text pieces as they decode (buffered under a tool grammar), then a final chunk
         with usage, finish reason and any tool call."""
+        kwargs = resolve_call_options(kwargs, self.model_name, (TURN_KWARG, THREAD_KWARG, VALUES_KWARG))
         turn, _ = self._begin_turn(messages, kwargs)
         settings = self._settings(stop, kwargs, turn.grammar is not None, turn.copy_tokens)
         done: GenerationDone | None = None
@@ -421,6 +465,30 @@ def _with_thread(config, kwargs: dict) -> dict:
     if thread_id is not None and TURN_KWARG not in kwargs:
         kwargs = {**kwargs, THREAD_KWARG: str(thread_id)}
     return kwargs
+
+
+def _require_tool_call(message: AIMessage) -> AIMessage:
+    """Structured output: the message must hold the forced call; a reply cut off before it was complete does not."""
+    if message.tool_calls:
+        return message
+    meta = message.response_metadata or {}
+    tokens = (message.usage_metadata or {}).get("output_tokens")
+    if meta.get("finish_reason") == "length":
+        raise StructuredOutputError(
+            f"the structured output was cut off after {tokens} tokens, before the object was complete; raise "
+            "max_tokens (DeltaMemChat(max_tokens=...) or .bind(max_tokens=...)), or pass on_cutoff='none' to get "
+            "None instead"
+        )
+    raise StructuredOutputError(
+        f"the model produced no structured object (finish_reason {meta.get('finish_reason')!r})"
+    )
+
+
+def _tool_parser(schema):
+    """LangChain's parser of the first tool call into ``schema`` (a pydantic instance, else a dict)."""
+    if isinstance(schema, type) and is_basemodel_subclass(schema):
+        return PydanticToolsParser(tools=[schema], first_tool_only=True)
+    return JsonOutputKeyToolsParser(key_name=convert_to_openai_tool(schema)["function"]["name"], first_tool_only=True)
 
 
 def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:

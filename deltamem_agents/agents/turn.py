@@ -56,7 +56,21 @@ def plan_turn(
 
 
 def _text(message: BaseMessage) -> str:
+    """The message's text. Content blocks other than text (images, audio, files, ...) raise MessageError: the
+    backbone reads text only, and dropping them silently would answer a question that was not asked."""
     content = message.content
     if isinstance(content, str):
         return content
-    return "".join(part if isinstance(part, str) else str(part.get("text", "")) for part in content)
+    parts = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text":
+            parts.append(str(part.get("text", "")))
+        else:
+            kind = part.get("type", "?") if isinstance(part, dict) else type(part).__name__
+            raise MessageError(
+                f"a {message.type} message holds a {kind!r} content block; DeltaMemChat reads text only: remove "
+                "the block, or put what it shows into the message as text"
+            )
+    return "".join(parts)

@@ -74,17 +74,42 @@ def ground(specs: list[ToolSpec], values: dict[str, dict[str, list]]) -> list[To
 
 
 def allowed_actions(specs: list[ToolSpec], tool_choice) -> tuple[list[ToolSpec], bool]:
-    """The tools the grammar admits and whether a plain reply is allowed, from LangChain's ``tool_choice``."""
+    """The tools the grammar admits and whether a plain reply is allowed, from LangChain's ``tool_choice``:
+    None / "auto", "none", "any" / "required" / True, a tool name, or a dict naming one tool in OpenAI's
+    (``{"type": "function", "function": {"name": ...}}``) or Anthropic's (``{"type": "tool", "name": ...}``)
+    form, or ``{"type": "auto" | "any" | "none"}``. Anything else raises ConfigError saying what is accepted."""
+    bound = [s.name for s in specs]
+    if isinstance(tool_choice, dict):
+        kind = tool_choice.get("type")
+        if kind in ("auto", "any", "none", "required"):
+            tool_choice = kind
+        else:
+            name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+            if not isinstance(name, str):
+                raise ConfigError(
+                    f"tool_choice {tool_choice!r} names no tool; use {{'type': 'function', 'function': "
+                    f"{{'name': <tool>}}}} or {{'type': 'tool', 'name': <tool>}} with one of {bound}"
+                )
+            tool_choice = name
     if tool_choice in (None, "auto"):
         return specs, True
     if tool_choice == "none":
         return [], True  # reply only (still inside the envelope, as the model saw earlier turns)
     if tool_choice in ("any", "required", True):
+        if not specs:
+            raise ConfigError(
+                f"tool_choice={tool_choice!r} needs at least one bound tool, and none is bound; bind tools or use "
+                "tool_choice='auto'"
+            )
         return specs, False
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else tool_choice
-    chosen = [s for s in specs if s.name == name]
+    if not isinstance(tool_choice, str):
+        raise ConfigError(
+            f"tool_choice {tool_choice!r} is not understood; use 'auto', 'none', 'any', a tool name or a dict "
+            "naming one tool"
+        )
+    chosen = [s for s in specs if s.name == tool_choice]
     if not chosen:
-        raise ConfigError(f"tool_choice {name!r} is not a bound tool; bound: {[s.name for s in specs]}")
+        raise ConfigError(f"tool_choice names {tool_choice!r}, which is not a bound tool; bound: {bound}")
     return chosen, False
 
 
@@ -208,16 +233,20 @@ def render_tool_call(call: dict) -> str:
 # A string argument without its own maxLength gets this one, so a rambling model cannot run a call past the
 # token limit (a cut-off call would be lost as text).
 DEFAULT_MAX_STRING = 200
+MAX_INTEGER = 10**12 - 1  # integers in tool arguments have at most 12 digits
 
 
 def _strict(schema: dict) -> dict:
-    """Copy of a JSON schema where objects admit no extra keys and strings have a length cap (what the grammar
-    should allow)."""
+    """Copy of a JSON schema where objects admit no extra keys, strings have a length cap and integers at most
+    12 digits (what the grammar should allow)."""
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) if isinstance(v, dict) else v for k, v in schema.items()}
     if out.get("type") == "string" and "enum" not in out:
         out.setdefault("maxLength", DEFAULT_MAX_STRING)
+    if out.get("type") == "integer" and "enum" not in out:  # at most 12 digits, so a number cannot run on
+        out.setdefault("minimum", -MAX_INTEGER)
+        out.setdefault("maximum", MAX_INTEGER)
     if out.get("type") == "object" and "properties" in out:
         out["properties"] = {k: _strict(v) for k, v in out["properties"].items()}
         out.setdefault("additionalProperties", False)
