@@ -37,7 +37,7 @@ from deltamem_agents.agents.store import InMemoryStore, ThreadMemory
 from deltamem_agents.agents.turn import WindowPolicy, plan_turn
 from deltamem_agents.core.errors import ConfigError, DeltaMemError
 from deltamem_agents.core.state import MemoryState
-from deltamem_agents.models import DEFAULT_BACKBONE
+from deltamem_agents.models import default_backbone
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
 from deltamem_agents.serving.repetition import CopyBias, RepetitionSettings
 from deltamem_agents.serving.thread_locks import ThreadLocks
@@ -150,12 +150,14 @@ class DeltaMemChat(BaseChatModel):
 
     @classmethod
     def from_backbone(
-        cls, backbone: str = DEFAULT_BACKBONE, adapter: str | None = None, device=None, **kwargs
+        cls, backbone: str | None = None, adapter: str | None = None, device=None, **kwargs
     ) -> "DeltaMemChat":
-        """Load ``backbone`` (see ``load_backbone``) and, if given, a saved adapter folder."""
+        """Load ``backbone`` (see ``load_backbone``; None: ``$DELTAMEM_BACKBONE`` or the embedded SmolLM2-135M)
+        and, if given, a saved adapter folder."""
         from deltamem_agents.core.adapter import load_adapter
         from deltamem_agents.models.backbone_zoo import load_backbone
 
+        backbone = backbone or default_backbone()
         model, tokenizer = load_backbone(backbone, device=device)
         if adapter is not None:
             load_adapter(model, adapter)

@@ -7,33 +7,56 @@ import sys
 
 from deltamem_agents.models import DEFAULT_BACKBONE
 
+BACKBONE_HELP = "backbone name or transformers folder (default: %(default)s, the embedded SmolLM2-135M-Instruct)"
 
-def main(argv: list[str] | None = None) -> int:
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deltamem`` argument parser with every subcommand (each subcommand and argument has help text)."""
     parser = argparse.ArgumentParser(prog="deltamem", description="δ-mem online memory for local language models")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="short memory demo on the embedded backbone")
-    demo.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    inspect = commands.add_parser("inspect-state", help="validate and describe a saved memory-state file")
-    inspect.add_argument("path")
-    chat = commands.add_parser("chat", help="interactive terminal chat with persistent memory per thread")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="short memory demo on the embedded backbone",
+        description="Write a short conversation into a fresh memory and answer from it, on the embedded backbone.",
+    )
+    demo.add_argument("--backbone", default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
+    demo.add_argument("--max-new-tokens", type=int, default=24, help="reply length limit (default: %(default)s)")
+    inspect = commands.add_parser(
+        "inspect-state",
+        help="validate and describe a saved memory-state file",
+        description="Check a memory-state file (safetensors bytes of a MemoryState) and print its adapter "
+        "fingerprint, layers, shape, size and norm. Exits 2 when the file is not a valid state.",
+    )
+    inspect.add_argument("path", help="file holding MemoryState.to_bytes()")
+    chat = commands.add_parser(
+        "chat",
+        help="interactive terminal chat with persistent memory per thread",
+        description="Chat in the terminal; each thread's messages and memory are checkpointed in SQLite, so the "
+        "same --thread resumes the conversation later.",
+    )
     chat.add_argument("--thread", required=True, help="conversation name; the same name resumes it")
     chat.add_argument("--db", help="SQLite checkpoint file (default: $DELTAMEM_HOME/chat.db)")
-    chat.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    chat.add_argument("--adapter", help="folder of a saved adapter")
-    chat.add_argument("--max-new-tokens", type=int, default=200)
+    chat.add_argument("--backbone", default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
+    chat.add_argument("--adapter", help="folder of a saved adapter (default: none, the identity memory)")
+    chat.add_argument("--max-new-tokens", type=int, default=200, help="reply length limit (default: %(default)s)")
     bench = commands.add_parser(
-        "bench", help="benchmarks: costs (ratios vs targets), scan, backbone overhead, turns vs replay, checkpoints"
+        "bench",
+        help="benchmarks: costs (ratios vs targets), scan, backbone overhead, turns vs replay, checkpoints",
+        description="Run the benchmark sections and write JSON, markdown and plots to --out; ratios are measured "
+        "in one run, with the machine recorded.",
     )
     bench.add_argument("--quick", action="store_true", help="short sizes for a smoke run")
     bench.add_argument("--out", default="docs/benchmarks", help="folder for results JSON, markdown and PNGs")
-    bench.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    bench.add_argument("--backbone", default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
     bench.add_argument("--sections", default="costs,scan,overhead,turns,checkpoints", help="comma-separated subset")
     bench.add_argument("--threads", type=int, default=1, help="torch threads (pin the process with taskset)")
     bench.add_argument("--turns", type=int, default=None, help="turns of the scripted conversation (50; quick 6)")
     bench.add_argument("--replay-every", type=int, default=None, help="time stateless replay every n-th turn")
     load = commands.add_parser(
-        "bench-load", help="bounded load run: worker processes x concurrent threads x turns over one Postgres"
+        "bench-load",
+        help="bounded load run: worker processes x concurrent threads x turns over one Postgres",
+        description="Start worker processes that each serve one backbone and run many threads' turns against one "
+        "shared Postgres checkpoint database; write throughput and latency tables to --out.",
     )
     load.add_argument(
         "--url",
@@ -64,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     from deltamem_agents.eval.cli import add_eval_parser
 
     add_eval_parser(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "chat":
         from deltamem_agents.apps.terminal_chat import run_terminal_chat

@@ -63,8 +63,9 @@ from deltamem_agents.bench.report import load_table, write_load_results
 from deltamem_agents.bench.runner import git_commit
 from deltamem_agents.bench.timing import median, percentile
 from deltamem_agents.core.errors import LoadRunError
+from deltamem_agents.models import TINY_BACKBONE
 
-TINY = "tiny"
+TINY = TINY_BACKBONE
 GRACE_S = 120.0  # after max_seconds: time for the turns in flight to finish and for the workers to report
 LOAD_TIMEOUT_S = 900.0  # for every worker to load its backbone and connect
 ERROR_MESSAGES_KEPT = 5

@@ -8,10 +8,15 @@ from deltamem_agents.models import DEFAULT_BACKBONE
 
 def add_eval_parser(commands) -> None:
     """Register the ``eval`` subcommand."""
-    p = commands.add_parser("eval", help="evaluate recall: δ-mem vs window, full history, BM25 and the control")
-    p.add_argument("task", choices=["synthetic", "locomo"])
+    p = commands.add_parser(
+        "eval",
+        help="evaluate recall: δ-mem vs window, full history, BM25 and the control",
+        description="Answer each question with every method (greedy, pinned decoding; recorded in the results), "
+        "score contains-answer with bootstrap CIs, and write JSON, a markdown table and a plot to --report-dir.",
+    )
+    p.add_argument("task", choices=["synthetic", "locomo"], help="synthetic episodes, or LoCoMo conversations (--data)")
     p.add_argument("--data", help="LoCoMo JSON (read in place; e.g. ../shared/data/locomo/locomo_dev.json)")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name or folder (default: %(default)s)")
     p.add_argument("--adapter", help="adapter folder (a training checkpoint works); needed for δ-mem methods")
     p.add_argument(
         "--methods", default="window,full,bm25,delta,delta_bm25,delta_control", help="comma-separated method names"
@@ -22,11 +27,11 @@ def add_eval_parser(commands) -> None:
     p.add_argument("--level", type=int, default=3, help="synthetic: curriculum level of the test episodes")
     p.add_argument("--window", type=int, default=2, help="recent messages (turns for LoCoMo) kept in the prompt")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="cap of the full-history prompt")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: %(default)s)")
     p.add_argument("--cache-dir", default="eval-cache", help="per-conversation result cache (resumable)")
-    p.add_argument("--report-dir", default="docs/eval")
+    p.add_argument("--report-dir", default="docs/eval", help="folder for the JSON, markdown and plot")
     p.add_argument("--name", help="report file name (default: the task)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (pin the process with taskset too)")
 
 
 def run_eval(args: argparse.Namespace) -> int:

