@@ -11,6 +11,8 @@ import os
 import re
 import subprocess
 import sys
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,20 +31,37 @@ def pages_with_snippets() -> list[Path]:
     return [page for page in PAGES if page.is_file() and snippets(page)]
 
 
+@contextmanager
+def fresh_postgres_schema():
+    """A URL of the test database whose search path is a new, empty schema (dropped afterwards), so a page's
+    threads never meet those of an earlier run."""
+    import psycopg
+
+    url = os.environ.get("DELTAMEM_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("this page needs PostgreSQL: set DELTAMEM_TEST_POSTGRES_URL")
+    schema = f"snippets_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"create schema {schema}")
+    try:
+        yield url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute(f"drop schema {schema} cascade")
+
+
 def run_page(page: Path, tmp_path: Path, backbone: str | None, timeout: int) -> subprocess.CompletedProcess:
     code = "\n\n".join(snippets(page))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_NUM_THREADS": "1"}
     env.pop("DELTAMEM_BACKBONE", None)
     if backbone:
         env["DELTAMEM_BACKBONE"] = backbone
-    if "DELTAMEM_POSTGRES_URL" in code:
-        url = os.environ.get("DELTAMEM_TEST_POSTGRES_URL")
-        if not url:
-            pytest.skip(f"{page.name} needs PostgreSQL: set DELTAMEM_TEST_POSTGRES_URL")
+    run = [sys.executable, "-c", code]
+    if "DELTAMEM_POSTGRES_URL" not in code:
+        return subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    with fresh_postgres_schema() as url:
         env["DELTAMEM_POSTGRES_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-    )
+        return subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_the_docs_have_snippets_and_no_other_python_fences():
