@@ -9,7 +9,7 @@ from deltamem_agents.models import DEFAULT_BACKBONE
 def add_eval_parser(commands) -> None:
     """Register the ``eval`` subcommand."""
     p = commands.add_parser("eval", help="evaluate recall: δ-mem vs window, full history, BM25 and the control")
-    p.add_argument("task", choices=["synthetic", "locomo"])
+    p.add_argument("task", choices=["synthetic", "locomo", "closed"], help="closed: rung 1, the fixed closed-fact set")
     p.add_argument("--data", help="LoCoMo JSON (read in place; e.g. ../shared/data/locomo/locomo_dev.json)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
     p.add_argument("--adapter", help="adapter folder (a training checkpoint works); needed for δ-mem methods")
@@ -20,6 +20,9 @@ def add_eval_parser(commands) -> None:
     p.add_argument("--questions", type=int, help="at most this many questions per conversation (evenly spaced)")
     p.add_argument("--count", type=int, default=60, help="synthetic: number of test episodes")
     p.add_argument("--level", type=int, default=3, help="synthetic: curriculum level of the test episodes")
+    p.add_argument(
+        "--half", choices=["tune", "report"], default="tune", help="closed: tune half (choosing) or report half"
+    )
     p.add_argument("--window", type=int, default=2, help="recent messages (turns for LoCoMo) kept in the prompt")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="cap of the full-history prompt")
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -34,7 +37,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from deltamem_agents.eval.report import markdown, write_report
     from deltamem_agents.eval.runner import evaluate
-    from deltamem_agents.eval.tasks import locomo_task, synthetic_task
+    from deltamem_agents.eval.tasks import closed_task, locomo_task, synthetic_task
     from deltamem_agents.models.backbone_zoo import load_backbone
 
     if args.threads:
@@ -48,6 +51,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if not args.data:
             raise SystemExit("error: locomo needs --data PATH (the LoCoMo JSON)")
         conversations = locomo_task(args.data)
+    elif args.task == "closed":
+        conversations = closed_task(args.half)
     else:
         conversations = synthetic_task(args.count, args.level)
     conversations = conversations[: args.limit] if args.limit else conversations
@@ -69,6 +74,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     meta = {
         "task": args.task,
+        "half": args.half if args.task == "closed" else None,
         "conversations": len(conversations),
         "questions_per_conversation": args.questions,
         "adapter": args.adapter,
