@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--thread", required=True, help="conversation name; the same name resumes it")
     chat.add_argument("--db", help="SQLite checkpoint file (default: $DELTAMEM_HOME/chat.db)")
     chat.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    chat.add_argument("--adapter", help="folder of a saved adapter")
+    chat.add_argument(
+        "--adapter", help="folder of a saved adapter, or 'default' (the shipped default; today the identity)"
+    )
     chat.add_argument("--max-new-tokens", type=int, default=200)
     bench = commands.add_parser(
         "bench", help="benchmarks: costs (ratios vs targets), scan, backbone overhead, turns vs replay, checkpoints"

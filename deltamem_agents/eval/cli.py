@@ -12,7 +12,11 @@ def add_eval_parser(commands) -> None:
     p.add_argument("task", choices=["synthetic", "locomo", "closed"], help="closed: rung 1, the fixed closed-fact set")
     p.add_argument("--data", help="LoCoMo JSON (read in place; e.g. ../shared/data/locomo/locomo_dev.json)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    p.add_argument("--adapter", help="adapter folder (a training checkpoint works); needed for δ-mem methods")
+    p.add_argument(
+        "--adapter",
+        help="adapter folder (a training checkpoint works), or 'default' (the shipped default adapter, which is the "
+        "zero-init identity until one passes rungs 1 and 4); needed for δ-mem methods",
+    )
     p.add_argument(
         "--methods", default="window,full,bm25,delta,delta_bm25,delta_control", help="comma-separated method names"
     )
@@ -44,9 +48,9 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_backbone(args.backbone)
     if args.adapter:
-        from deltamem_agents.core.adapter import load_adapter
+        from deltamem_agents.models.default_adapter import apply_adapter
 
-        load_adapter(model, args.adapter)
+        apply_adapter(model, args.adapter, args.backbone)
     if args.task == "locomo":
         if not args.data:
             raise SystemExit("error: locomo needs --data PATH (the LoCoMo JSON)")

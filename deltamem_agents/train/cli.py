@@ -79,6 +79,11 @@ def add_train_parser(commands) -> None:
         help="SSW: write from per-message layer inputs cached with the empty memory (docs/training.md)",
     )
     p.add_argument("--read-notes", action="store_true", help="BM25 notes of older messages in the read prompt")
+    p.add_argument(
+        "--init-from",
+        help="start from this adapter folder, or 'default' (the shipped default; while that is the identity, the "
+        "run starts from the --write/... init instead)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir if it holds a checkpoint")
     p.add_argument("--out", help="also export the final adapter (weights + config only) to this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -128,6 +133,13 @@ def run_train(args: argparse.Namespace) -> int:
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under accelerate launch
     model, tokenizer = load_backbone(config.backbone, device=device, dtype=dtype)
+    if args.init_from:
+        from deltamem_agents.core.attach import detach_memory, has_memory
+        from deltamem_agents.models.default_adapter import apply_adapter
+
+        if apply_adapter(model, args.init_from, config.backbone) is None and has_memory(model):
+            detach_memory(model)  # the identity has zero corrections: train from the config's init instead
+            print("--init-from default: starting from the configured init")
     state = train(config, model=model, tokenizer=tokenizer, resume=args.resume)
     last = state["history"][-1] if state["history"] else {}
     print(json.dumps({"step": state["step"], "last": last, "dev": state.get("dev")}, indent=1))
