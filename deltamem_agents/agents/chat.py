@@ -150,17 +150,17 @@ class DeltaMemChat(BaseChatModel):
 
     @classmethod
     def from_backbone(
-        cls, backbone: str | None = None, adapter: str | None = None, device=None, **kwargs
+        cls, backbone: str | None = None, adapter: str | None = "default", device=None, **kwargs
     ) -> "DeltaMemChat":
         """Load ``backbone`` (see ``load_backbone``; None: ``$DELTAMEM_BACKBONE`` or the embedded SmolLM2-135M)
-        and, if given, a saved adapter folder."""
-        from deltamem_agents.core.adapter import load_adapter
+        and an adapter: a saved folder, ``"default"`` (the shipped adapter that passes rungs 1 and 4 of
+        docs/evaluation.md; while none does, the zero-init identity) or None (the engine's zero-init identity)."""
         from deltamem_agents.models.backbone_zoo import load_backbone
+        from deltamem_agents.models.default_adapter import apply_adapter
 
         backbone = backbone or default_backbone()
         model, tokenizer = load_backbone(backbone, device=device)
-        if adapter is not None:
-            load_adapter(model, adapter)
+        apply_adapter(model, adapter, backbone, log=log.info)
         if backbone == EMBEDDED_BACKBONE:
             kwargs.setdefault("tool_scoring", "likelihood")
             kwargs.setdefault("copy_bias", 2.0)

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--thread", required=True, help="conversation name; the same name resumes it")
     chat.add_argument("--db", help="SQLite checkpoint file (default: $DELTAMEM_HOME/chat.db)")
     chat.add_argument("--backbone", default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
-    chat.add_argument("--adapter", help="folder of a saved adapter (default: none, the identity memory)")
+    chat.add_argument(
+        "--adapter", help="folder of a saved adapter, or 'default' (the shipped default; today the identity)"
+    )
     chat.add_argument("--max-new-tokens", type=int, default=200, help="reply length limit (default: %(default)s)")
     bench = commands.add_parser(
         "bench",

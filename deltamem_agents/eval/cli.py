@@ -14,10 +14,18 @@ def add_eval_parser(commands) -> None:
         description="Answer each question with every method (greedy, pinned decoding; recorded in the results), "
         "score contains-answer with bootstrap CIs, and write JSON, a markdown table and a plot to --report-dir.",
     )
-    p.add_argument("task", choices=["synthetic", "locomo"], help="synthetic episodes, or LoCoMo conversations (--data)")
+    p.add_argument(
+        "task",
+        choices=["synthetic", "locomo", "closed"],
+        help="synthetic episodes, LoCoMo conversations (--data), or closed: rung 1, the fixed closed-fact set",
+    )
     p.add_argument("--data", help="LoCoMo JSON (read in place; e.g. ../shared/data/locomo/locomo_dev.json)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name or folder (default: %(default)s)")
-    p.add_argument("--adapter", help="adapter folder (a training checkpoint works); needed for δ-mem methods")
+    p.add_argument(
+        "--adapter",
+        help="adapter folder (a training checkpoint works), or 'default' (the shipped default adapter, which is the "
+        "zero-init identity until one passes rungs 1 and 4); needed for δ-mem methods",
+    )
     p.add_argument(
         "--methods", default="window,full,bm25,delta,delta_bm25,delta_control", help="comma-separated method names"
     )
@@ -25,6 +33,9 @@ def add_eval_parser(commands) -> None:
     p.add_argument("--questions", type=int, help="at most this many questions per conversation (evenly spaced)")
     p.add_argument("--count", type=int, default=60, help="synthetic: number of test episodes")
     p.add_argument("--level", type=int, default=3, help="synthetic: curriculum level of the test episodes")
+    p.add_argument(
+        "--half", choices=["tune", "report"], default="tune", help="closed: tune half (choosing) or report half"
+    )
     p.add_argument("--window", type=int, default=2, help="recent messages (turns for LoCoMo) kept in the prompt")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="cap of the full-history prompt")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: %(default)s)")
@@ -39,20 +50,22 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from deltamem_agents.eval.report import markdown, write_report
     from deltamem_agents.eval.runner import evaluate
-    from deltamem_agents.eval.tasks import locomo_task, synthetic_task
+    from deltamem_agents.eval.tasks import closed_task, locomo_task, synthetic_task
     from deltamem_agents.models.backbone_zoo import load_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_backbone(args.backbone)
     if args.adapter:
-        from deltamem_agents.core.adapter import load_adapter
+        from deltamem_agents.models.default_adapter import apply_adapter
 
-        load_adapter(model, args.adapter)
+        apply_adapter(model, args.adapter, args.backbone)
     if args.task == "locomo":
         if not args.data:
             raise SystemExit("error: locomo needs --data PATH (the LoCoMo JSON)")
         conversations = locomo_task(args.data)
+    elif args.task == "closed":
+        conversations = closed_task(args.half)
     else:
         conversations = synthetic_task(args.count, args.level)
     conversations = conversations[: args.limit] if args.limit else conversations
@@ -74,6 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     meta = {
         "task": args.task,
+        "half": args.half if args.task == "closed" else None,
         "conversations": len(conversations),
         "questions_per_conversation": args.questions,
         "adapter": args.adapter,

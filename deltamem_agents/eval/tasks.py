@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltamem_agents.core.errors import DeltaMemError
+from deltamem_agents.train.closed_facts import closed_facts_test
 from deltamem_agents.train.synthetic import SyntheticEpisodes
 
 TEMPORAL_SUFFIX = " Use DATE of CONVERSATION to answer with an approximate date."
@@ -31,7 +32,17 @@ class EvalConversation:
 
 def synthetic_task(count: int = 50, level: int = 3, split_seed: int = 0, split: str = "test") -> list[EvalConversation]:
     """``count`` episodes of the synthetic ``split`` (test by default) at curriculum ``level``."""
-    episodes = SyntheticEpisodes(split, split_seed).episodes(count, level, seed=12345)
+    return episode_conversations(SyntheticEpisodes(split, split_seed).episodes(count, level, seed=12345))
+
+
+def closed_task(half: str = "tune") -> list[EvalConversation]:
+    """Rung 1, closed facts: the fixed test set of ``deltamem_agents.train.closed_facts`` (``tune`` or
+    ``report`` half; templates and small talk never used in training)."""
+    return episode_conversations(closed_facts_test(half))
+
+
+def episode_conversations(episodes) -> list[EvalConversation]:
+    """Episodes as evaluation conversations: the history is written / replayed, every message is a BM25 note."""
     conversations = []
     for e in episodes:
         history = tuple(e.history())

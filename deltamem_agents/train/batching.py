@@ -9,6 +9,7 @@ import torch
 
 from deltamem_agents.serving import write_schedule
 from deltamem_agents.serving.prompts import SYSTEM_PROMPT
+from deltamem_agents.serving.retrieval import retrieve_notes
 from deltamem_agents.serving.templating import render_prompt_ids
 from deltamem_agents.serving.turn_plan import build_read_prompt
 from deltamem_agents.serving.write_schedule import WriteCall
@@ -67,28 +68,48 @@ class Batch:
         )
 
 
-def read_prompt(question: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
-    """The read pass's messages before the answer: the system prompt and the question (the chat's builder)."""
-    return build_read_prompt([system_prompt], [], [{"role": "user", "content": question}])
+def read_prompt(
+    question: str, system_prompt: str = SYSTEM_PROMPT, window: list[dict] = (), notes: list[str] = ()
+) -> list[dict]:
+    """The read pass's messages before the answer, built by the chat's builder: the system prompt (with the notes,
+    if any), the window of recent messages and the question."""
+    return build_read_prompt([system_prompt], list(notes), [*window, {"role": "user", "content": question}])
 
 
 def encode_example(
-    tokenizer, episode: Episode, question_index: int = 0, system_prompt: str = SYSTEM_PROMPT, max_write_tokens=2048
+    tokenizer,
+    episode: Episode,
+    question_index: int = 0,
+    system_prompt: str = SYSTEM_PROMPT,
+    max_write_tokens=2048,
+    window: int = 0,
+    notes: bool = False,
 ) -> Example:
     """Tokenize one (episode, question) pair. The history is written as the chat writes it; when it is longer
     than ``max_write_tokens``, its oldest messages are left out (whole messages, so the state stays a function of
-    the written messages)."""
+    the written messages). ``window``: the last messages of the history in the read prompt; ``notes``: BM25 notes
+    of the older messages too (as ``deltamem eval``'s window / bm25 methods build them)."""
     question = episode.questions[question_index]
     messages = episode.history()
+    recent = messages[-window:] if window else []
+    note_lines = []
+    if notes:
+        older = [(m["role"], m["content"]) for m in messages[: len(messages) - len(recent)]]
+        note_lines = [f"{n.role}: {n.text}" for n in retrieve_notes(older, question.question, _count(tokenizer), 256)]
     pieces = write_schedule.message_pieces(tokenizer, messages)
     while len(messages) > 1 and sum(int(p.shape[0]) for p in pieces) > max_write_tokens:
         messages = messages[1:]
         pieces = write_schedule.message_pieces(tokenizer, messages)
-    prompt_ids = render_prompt_ids(tokenizer, read_prompt(question.question, system_prompt)).tolist()
+    prompt = read_prompt(question.question, system_prompt, [dict(m) for m in recent], note_lines)
+    prompt_ids = render_prompt_ids(tokenizer, prompt).tolist()
     answer_ids = tokenizer(question.answer + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
     read_ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)  # (Tr,)
     labels = torch.tensor([IGNORE] * len(prompt_ids) + answer_ids, dtype=torch.long)  # (Tr,)
     return Example(tuple(pieces), read_ids, labels, episode.id)
+
+
+def _count(tokenizer):
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def collate(examples: list[Example], pad_id: int = 0) -> Batch:

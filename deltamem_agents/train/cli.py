@@ -37,6 +37,7 @@ FLAGS = {
     "device": ("device", str, "torch device (default: CUDA when present, else CPU)"),
     "threads": ("threads", int, "torch threads (pin the process with taskset too)"),
     "dev-episodes": ("dev_episodes", int, "dev episodes evaluated at the end"),
+    "read-window": ("read_window", int, "last history messages in the read prompt (the chat's window)"),
     "write": ("memory.write", str, "write strategy: token (TSW), segment (SSW) or multi (MSW)"),
     "rank": ("memory.rank", int, "r, the side of each memory state"),
     "forget-gate": ("memory.forget_gate", str, "tied (lambda = 1 - beta, the paper) or separate"),
@@ -72,6 +73,17 @@ def add_train_parser(commands) -> None:
         p.add_argument(f"--{flag}", type=kind, choices=CHOICES.get(flag), help=f"{text} (default: {_default(field)!r})")
     p.add_argument("--curriculum", help=f"level:fraction,... (levels 0-3; default: {TRAIN.curriculum})")
     p.add_argument("--full-backprop", action="store_true", help="backpropagate through the backbone's write pass")
+    p.add_argument(
+        "--write-cache",
+        action="store_true",
+        help="SSW: write from per-message layer inputs cached with the empty memory (docs/training.md)",
+    )
+    p.add_argument("--read-notes", action="store_true", help="BM25 notes of older messages in the read prompt")
+    p.add_argument(
+        "--init-from",
+        help="start from this adapter folder, or 'default' (the shipped default; while that is the identity, the "
+        "run starts from the --write/... init instead)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir if it holds a checkpoint")
     p.add_argument("--out", help="also export the final adapter (weights + config only) to this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -99,6 +111,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["curriculum"] = [(int(a), float(b)) for a, b in (part.split(":") for part in args.curriculum.split(","))]
     if getattr(args, "full_backprop", False):
         values["detach_backbone"] = False
+    if getattr(args, "write_cache", False):
+        values["write_cache"] = True
+    if getattr(args, "read_notes", False):
+        values["read_notes"] = True
     values["progress"] = not getattr(args, "no_progress", False) and os.environ.get("RANK", "0") == "0"
     return TrainConfig(memory=DeltaMemConfig(**memory), **values)
 
@@ -117,6 +133,13 @@ def run_train(args: argparse.Namespace) -> int:
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under accelerate launch
     model, tokenizer = load_backbone(config.backbone, device=device, dtype=dtype)
+    if args.init_from:
+        from deltamem_agents.core.attach import detach_memory, has_memory
+        from deltamem_agents.models.default_adapter import apply_adapter
+
+        if apply_adapter(model, args.init_from, config.backbone) is None and has_memory(model):
+            detach_memory(model)  # the identity has zero corrections: train from the config's init instead
+            print("--init-from default: starting from the configured init")
     state = train(config, model=model, tokenizer=tokenizer, resume=args.resume)
     last = state["history"][-1] if state["history"] else {}
     print(json.dumps({"step": state["step"], "last": last, "dev": state.get("dev")}, indent=1))

@@ -1,6 +1,7 @@
 """The training objective of one batch: write pass over the history, read pass over question + answer with the
 right memory and (for the control and the contrastive term) another conversation's memory."""
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from deltamem_agents.core.attach import attachment_of, attention_modules, decode
 from deltamem_agents.core.cache import DeltaMemCache
 from deltamem_agents.serving import write_schedule
 from deltamem_agents.train.batching import IGNORE, Batch
+from deltamem_agents.train.write_cache import cached_write_pass
 
 
 @dataclass
@@ -21,6 +23,8 @@ class LossParts:
     ce_wrong: float | None
     gate: float
     beta_mean: float
+    write_seconds: float = 0.0
+    read_seconds: float = 0.0
 
     @property
     def gap(self) -> float | None:
@@ -110,6 +114,7 @@ def batch_loss(
     contrastive_weight: float = 0.0,
     margin: float = 1.0,
     control: bool = True,
+    cached: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossParts:
     """The training loss of one batch.
 
@@ -118,8 +123,16 @@ def batch_loss(
     where "wrong" reads the memory of the next conversation in the batch (rolled by one). The wrong-memory CE is
     computed whenever the batch has 2+ examples and ``control`` or the contrastive term asks for it; it is the
     control gap shown during training.
+
+    ``cached``: ``(means, mask)`` of :meth:`~deltamem_agents.train.write_cache.MessageInputCache.stack`: the write
+    pass runs from the cached per-message inputs (``write_cache.cached_write_pass``) instead of the backbone.
     """
-    states, betas = write_pass(model, batch, detach_backbone)
+    tick = time.perf_counter()
+    if cached is not None:
+        states, betas = cached_write_pass(model, *cached)
+    else:
+        states, betas = write_pass(model, batch, detach_backbone)
+    write_seconds = time.perf_counter() - tick
     gate = torch.stack([(b - gate_target) ** 2 for b in betas]).mean()
     use_wrong = batch.size > 1 and (control or contrastive_weight > 0)
     if use_wrong:
@@ -134,6 +147,7 @@ def batch_loss(
     else:
         ce, ce_wrong = answer_losses(model, batch, states), None
     loss = ce.mean() + gate_weight * gate
+    read_seconds = time.perf_counter() - tick - write_seconds
     if contrastive_weight > 0 and ce_wrong is not None:
         loss = loss + contrastive_weight * F.relu(margin + ce - ce_wrong).mean()
     return LossParts(
@@ -142,4 +156,6 @@ def batch_loss(
         ce_wrong=None if ce_wrong is None else float(ce_wrong.detach().mean()),
         gate=float(gate.detach()),
         beta_mean=float(torch.stack(betas).detach().mean()),
+        write_seconds=write_seconds,
+        read_seconds=read_seconds,
     )

@@ -21,6 +21,7 @@ from deltamem_agents.train.checkpoint import has_checkpoint, load_checkpoint, sa
 from deltamem_agents.train.episodes import load_episodes
 from deltamem_agents.train.objective import batch_loss
 from deltamem_agents.train.synthetic import SyntheticEpisodes
+from deltamem_agents.train.write_cache import MessageInputCache
 
 
 class TrainConfig(BaseModel):
@@ -47,6 +48,9 @@ class TrainConfig(BaseModel):
     clip: float = Field(1.0, gt=0)
     curriculum: list[tuple[int, float]] = [(0, 0.3), (1, 0.4), (2, 0.3)]
     detach_backbone: bool = True
+    write_cache: bool = False
+    read_window: int = Field(0, ge=0)
+    read_notes: bool = False
     gate_weight: float = 0.01
     gate_target: float = 0.05
     contrastive_weight: float = 0.5
@@ -96,7 +100,17 @@ def training_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
         examples = []
         for episode in episodes:
             q = rng.randrange(len(episode.questions))
-            examples.append(encode_example(tokenizer, episode, q, config.system_prompt, config.max_write_tokens))
+            examples.append(
+                encode_example(
+                    tokenizer,
+                    episode,
+                    q,
+                    config.system_prompt,
+                    config.max_write_tokens,
+                    window=config.read_window,
+                    notes=config.read_notes,
+                )
+            )
         while len(examples) < steps * per_step:  # a small data file is repeated
             examples += examples[: steps * per_step - len(examples)]
         groups = length_sorted_batches(examples[: steps * per_step], config.batch_size, rng)
@@ -144,6 +158,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
             if set(changed) - {"progress", "threads", "checkpoint_minutes", "device"}:
                 raise ValueError(f"resume with a different config: {changed} differ from the checkpoint")
         state = {**saved, "config": state["config"]}
+    cache = MessageInputCache() if config.write_cache else None
     bar = _progress(config, state["step"])
     last_save, started = time.monotonic(), time.monotonic()
     seconds_before = state["seconds"]
@@ -155,8 +170,16 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                 group["lr"] = lr_at(config, step)
             optimizer.zero_grad(set_to_none=True)
             tick, tokens, parts_list = time.monotonic(), 0, []
+            cache_seconds, backward_seconds = 0.0, 0.0
             for micro in range(rank, config.accumulation, world):
-                batch = collate(batches[step * config.accumulation + micro], pad).to(device)
+                examples = batches[step * config.accumulation + micro]
+                batch = collate(examples, pad).to(device)
+                cached = None
+                if cache is not None:
+                    before = cache.seconds
+                    cache.fill(model, examples, pad)
+                    cache_seconds += cache.seconds - before
+                    cached = cache.stack(examples, device)
                 parts = batch_loss(
                     model,
                     batch,
@@ -165,8 +188,11 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                     gate_target=config.gate_target,
                     contrastive_weight=config.contrastive_weight,
                     margin=config.margin,
+                    cached=cached,
                 )
+                backward_tick = time.monotonic()
                 (parts.loss / config.accumulation).backward()
+                backward_seconds += time.monotonic() - backward_tick
                 tokens += batch.tokens
                 parts_list.append(parts)
             if world > 1:
@@ -184,6 +210,11 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                 "grad_norm": float(norm),
                 "lr": lr_at(config, step),
                 "tokens_per_s": tokens / max(elapsed, 1e-9),
+                "seconds": elapsed,
+                "write_s": sum(p.write_seconds for p in parts_list),
+                "read_s": sum(p.read_seconds for p in parts_list),
+                "backward_s": backward_seconds,
+                "cache_s": cache_seconds,
             }
             state["history"].append(record)
             state["step"] = step + 1
