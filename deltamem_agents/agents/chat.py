@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables.config import ensure_config
@@ -34,6 +34,7 @@ from deltamem_agents.core.state import MemoryState
 from deltamem_agents.models import DEFAULT_BACKBONE
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
 from deltamem_agents.serving.repetition import CopyBias, RepetitionSettings
+from deltamem_agents.serving.span_copy import SpanCopy
 from deltamem_agents.serving.thread_locks import ThreadLocks
 from deltamem_agents.serving.tool_choice import choose_action
 from deltamem_agents.serving.tool_grammar import (
@@ -86,6 +87,9 @@ class _Turn:
     notes: list[str]
     choice: Any = None  # the ActionChoice of likelihood tool choice, if it ran
     copy_tokens: tuple[int, ...] = ()  # token ids of the newest user message (copy bias of tool arguments)
+    request: str = ""  # the newest user message (the source of span arguments)
+    span_arguments: frozenset[str] = frozenset()  # string arguments of the decoded tools that copy a span of it
+    result_tokens: tuple[int, ...] = ()  # token ids of the tool result the reply follows (result copy bias)
 
 
 class DeltaMemChat(BaseChatModel):
@@ -112,6 +116,11 @@ class DeltaMemChat(BaseChatModel):
         160.
       - ``copy_bias``: added to the logits of the newest user message's tokens while tool arguments are decoded
         (2.0 by default for the embedded backbone), so stated numbers and names are copied.
+      - ``span_arguments``: ``{tool name: [string argument, ...]}`` whose values must be a span of the newest
+        user message (word-aligned, case-insensitive; ``serving.span_copy``), or ``"strings"`` for every free
+        string argument (no enum) of every bound tool. The model still picks the span.
+      - ``result_copy_bias``: after a tool result, added to the logits of the result's tokens while the reply
+        text is decoded, so the reply restates what the tool said (the model still writes it).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -134,6 +143,8 @@ class DeltaMemChat(BaseChatModel):
     value_providers: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
     repetition: RepetitionSettings | None = Field(default_factory=RepetitionSettings)
     copy_bias: float = 0.0
+    span_arguments: dict[str, list[str]] | Literal["strings"] = Field(default_factory=dict)
+    result_copy_bias: float = 0.0
 
     @classmethod
     def from_backbone(
@@ -150,6 +161,7 @@ class DeltaMemChat(BaseChatModel):
             kwargs.setdefault("tool_scoring", "likelihood")
             kwargs.setdefault("copy_bias", 2.0)
             kwargs.setdefault("reply_bias", 1.5)  # tuned on the tune half of the request set (docs/tool-choice.md)
+            kwargs.setdefault("result_copy_bias", 2.0)
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
@@ -230,9 +242,27 @@ class DeltaMemChat(BaseChatModel):
                 decode_reply = not decode_specs
             schema = envelope_schema(decode_specs, decode_reply)
             grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
+        else:
+            decode_specs = []
         request = _newest_user_text(messages)
-        copy_tokens = tuple(self.engine.tokenizer(request, add_special_tokens=False)["input_ids"]) if grammar else ()
-        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens), io
+        encode = self.engine.tokenizer
+        copy_tokens = tuple(encode(request, add_special_tokens=False)["input_ids"]) if grammar else ()
+        spans = frozenset(self._span_arguments(decode_specs)) if grammar else frozenset()
+        result = messages[-1].text if grammar is not None and isinstance(messages[-1], ToolMessage) else ""
+        result_tokens = tuple(encode(result, add_special_tokens=False)["input_ids"]) if result else ()
+        turn = _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens)
+        return dataclasses.replace(turn, request=request, span_arguments=spans, result_tokens=result_tokens), io
+
+    def _span_arguments(self, specs) -> list[str]:
+        """The string arguments of ``specs`` that copy a span of the request (``span_arguments``)."""
+        out = []
+        for spec in specs:
+            properties = spec.parameters.get("properties") or {}
+            if self.span_arguments == "strings":
+                out += [k for k, v in properties.items() if v.get("type") == "string" and "enum" not in v]
+            else:
+                out += [k for k in self.span_arguments.get(spec.name, ()) if k in properties]
+        return out
 
     def _tools(self, kwargs: dict, request: str) -> tuple[list, bool, str]:
         """The tools offered this turn (after tool_choice, grounding and preselection), whether a reply is
@@ -249,10 +279,10 @@ class DeltaMemChat(BaseChatModel):
             specs = preselect(specs, request, self.tool_preselect)
         return specs, allow_reply, instructions(specs, allow_reply)
 
-    def _settings(
-        self, stop: list[str] | None, kwargs: dict, under_grammar: bool = False, copy_tokens=()
-    ) -> GenerationSettings:
+    def _settings(self, stop: list[str] | None, kwargs: dict, turn: "_Turn | None" = None) -> GenerationSettings:
         stops = tuple((stop or []) + (self.stop or []))
+        under_grammar = turn is not None and turn.grammar is not None
+        copy_tokens = turn.copy_tokens if turn is not None else ()
         controls = []
         if self.repetition is not None and not under_grammar:
             controls.append(self.repetition)
@@ -264,6 +294,10 @@ class DeltaMemChat(BaseChatModel):
             )
         if under_grammar and self.copy_bias and copy_tokens:
             controls.append(CopyBias(frozenset(copy_tokens), self.copy_bias, after=ARGUMENTS_HEAD))
+        if under_grammar and turn.span_arguments and turn.request:
+            controls.append(SpanCopy(turn.request, turn.span_arguments, self.engine.tokenizer))
+        if under_grammar and self.result_copy_bias and turn.result_tokens:
+            controls.append(CopyBias(frozenset(turn.result_tokens), self.result_copy_bias, after=REPLY_HEAD))
         return GenerationSettings(
             controls=tuple(controls),
             max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
@@ -277,7 +311,7 @@ class DeltaMemChat(BaseChatModel):
         """The turn as chunks: text pieces as they decode (buffered under a tool grammar), then a final chunk
         with usage, finish reason and any tool call."""
         turn, _ = self._begin_turn(messages, kwargs)
-        settings = self._settings(stop, kwargs, turn.grammar is not None, turn.copy_tokens)
+        settings = self._settings(stop, kwargs, turn)
         done: GenerationDone | None = None
         raw, shown = "", ""  # under a grammar: the envelope so far, and the reply text already streamed
         for event in self.engine.stream(turn.state, turn.prompt_ids, settings, turn.grammar):
