@@ -191,3 +191,16 @@ def test_result_copy_bias_pulls_the_reply_toward_the_tool_result(engine):
     assert reply.content and set(reply.content) <= set("zq")  # the reply text draws only on the result's tokens
     with Script(engine, '{"action": "reply", "text": "ab"}'):
         assert chat.bind_tools([lookup_ticket], tool_choice="none").invoke(history[:1]).content == "ab"  # no result
+
+
+def test_the_chosen_action_is_decoded_with_its_own_instructions_only(engine, monkeypatch):
+    rendered = []
+    real = engine.render_prompt
+    monkeypatch.setattr(engine, "render_prompt", lambda messages: rendered.append(messages) or real(messages))
+    chat = DeltaMemChat(engine=engine, max_new_tokens=60, tool_scoring="likelihood")
+    reply = chat.bind_tools([lookup_ticket, create_ticket], tool_choice="any").invoke([HumanMessage("ticket 4?")])
+    chosen = reply.response_metadata["tool_choice"]["action"]
+    other = ({"lookup_ticket", "create_ticket"} - {chosen}).pop()
+    scored, decoded = rendered[0][0]["content"], rendered[-1][0]["content"]
+    assert chosen in scored and other in scored  # the turn's prompt lists every tool
+    assert f"- {chosen}(" in decoded and other not in decoded  # the decoded envelope sees the chosen one only

@@ -240,6 +240,9 @@ class DeltaMemChat(BaseChatModel):
                 )
                 decode_specs = [s for s in specs if s.name == choice.action]
                 decode_reply = not decode_specs
+                # the envelope is decoded with the chosen action's instructions only (nothing else is allowed)
+                narrowed = _with_system_text(_without(plan.prompt, extra), instructions(decode_specs, decode_reply))
+                prompt_ids = self.engine.render_prompt(narrowed)
             schema = envelope_schema(decode_specs, decode_reply)
             grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
         else:
@@ -440,6 +443,13 @@ def _without(prompt: list[dict], extra: str) -> list[dict]:
         return prompt
     system = prompt[0]["content"].removesuffix(extra).rstrip()
     return ([{"role": "system", "content": system}] if system else []) + prompt[1:]
+
+
+def _with_system_text(prompt: list[dict], text: str) -> list[dict]:
+    """The prompt with ``text`` after its system message (a new system message if it has none)."""
+    if prompt and prompt[0]["role"] == "system":
+        return [{"role": "system", "content": prompt[0]["content"] + "\n\n" + text}, *prompt[1:]]
+    return [{"role": "system", "content": text}, *prompt]
 
 
 def _newest_user_text(messages: list[BaseMessage]) -> str:
