@@ -39,7 +39,11 @@ def test_the_bot_creates_a_ticket_through_its_tool(tmp_path):
         )
     assert [t["title"] for t in db.list("dana")] == ["VPN drops"]
     assert isinstance(state["messages"][2], ToolMessage) and state["messages"][-1].content == "Ticket opened."
-    assert make_tools(db)[1].name == "list_my_tickets"
+    listing = make_tools(db)[1]
+    assert listing.name == "list_my_tickets"
+    text = listing.invoke({}, {"configurable": {"user_id": "dana"}})  # plain sentences, comments included
+    assert text.startswith('Ticket 1 "VPN drops" is open') and "Problem: every hour" in text
+    assert listing.invoke({}, {"configurable": {"user_id": "eve"}}) == "You have no open tickets."
 
 
 @pytest.mark.slow

@@ -156,3 +156,51 @@ def test_likelihood_choice_scores_the_conversation_not_the_tool_list(engine, mon
     chat = DeltaMemChat(engine=engine, max_new_tokens=20, tool_scoring="likelihood")
     chat.bind_tools([lookup_ticket, create_ticket]).invoke([SystemMessage("be nice"), HumanMessage("hi")])
     assert seen == [[{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]]
+
+
+def test_span_arguments_copy_a_span_of_the_request(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=120, span_arguments={"create_ticket": ["title"]})
+    bound = chat.bind_tools([create_ticket], tool_choice="any")
+    request = "my Laptop is broken since monday"
+    with Script(engine, '{"action": "create_ticket", "arguments": {"title": "laptop is broken"}}'):
+        kept = bound.invoke([HumanMessage(request)])
+    assert kept.tool_calls[0]["args"] == {"title": "laptop is broken"}  # a span (case-insensitive) is kept as is
+    with Script(engine, '{"action": "create_ticket", "arguments": {"title": "Update"}}'):
+        forced = bound.invoke([HumanMessage(request)])
+    title = forced.tool_calls[0]["args"]["title"]
+    words = request.lower().split()
+    spans = {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+    assert title.lower() in spans  # not "Update": only word-aligned spans of the request
+    free = DeltaMemChat(engine=engine, max_new_tokens=120).bind_tools([create_ticket], tool_choice="any")
+    with Script(engine, '{"action": "create_ticket", "arguments": {"title": "Update"}}'):
+        assert free.invoke([HumanMessage(request)]).tool_calls[0]["args"] == {"title": "Update"}  # not declared
+    every = chat.model_copy(update={"span_arguments": "strings"}).bind_tools([create_ticket], tool_choice="any")
+    with Script(engine, '{"action": "create_ticket", "arguments": {"title": "Update"}}'):
+        assert every.invoke([HumanMessage(request)]).tool_calls[0]["args"]["title"].lower() in spans
+
+
+def test_result_copy_bias_pulls_the_reply_toward_the_tool_result(engine):
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    call = {"name": "lookup_ticket", "args": {"ticket_id": 4}, "id": "c1", "type": "tool_call"}
+    history = [HumanMessage("ticket 4?"), AIMessage("", tool_calls=[call]), ToolMessage("zq", tool_call_id="c1")]
+    chat = DeltaMemChat(engine=engine, max_new_tokens=40, result_copy_bias=1e4)
+    bound = chat.bind_tools([lookup_ticket], tool_choice="none")
+    with Script(engine, '{"action": "reply", "text": "ab"}'):
+        reply = bound.invoke(history)
+    assert reply.content and set(reply.content) <= set("zq")  # the reply text draws only on the result's tokens
+    with Script(engine, '{"action": "reply", "text": "ab"}'):
+        assert chat.bind_tools([lookup_ticket], tool_choice="none").invoke(history[:1]).content == "ab"  # no result
+
+
+def test_the_chosen_action_is_decoded_with_its_own_instructions_only(engine, monkeypatch):
+    rendered = []
+    real = engine.render_prompt
+    monkeypatch.setattr(engine, "render_prompt", lambda messages: rendered.append(messages) or real(messages))
+    chat = DeltaMemChat(engine=engine, max_new_tokens=60, tool_scoring="likelihood")
+    reply = chat.bind_tools([lookup_ticket, create_ticket], tool_choice="any").invoke([HumanMessage("ticket 4?")])
+    chosen = reply.response_metadata["tool_choice"]["action"]
+    other = ({"lookup_ticket", "create_ticket"} - {chosen}).pop()
+    scored, decoded = rendered[0][0]["content"], rendered[-1][0]["content"]
+    assert chosen in scored and other in scored  # the turn's prompt lists every tool
+    assert f"- {chosen}(" in decoded and other not in decoded  # the decoded envelope sees the chosen one only

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -40,6 +40,7 @@ from deltamem_agents.core.state import MemoryState
 from deltamem_agents.models import default_backbone
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
 from deltamem_agents.serving.repetition import CopyBias, RepetitionSettings
+from deltamem_agents.serving.span_copy import SpanCopy
 from deltamem_agents.serving.thread_locks import ThreadLocks
 from deltamem_agents.serving.tool_choice import choose_action
 from deltamem_agents.serving.tool_grammar import (
@@ -96,6 +97,9 @@ class _Turn:
     notes: list[str]
     choice: Any = None  # the ActionChoice of likelihood tool choice, if it ran
     copy_tokens: tuple[int, ...] = ()  # token ids of the newest user message (copy bias of tool arguments)
+    request: str = ""  # the newest user message (the source of span arguments)
+    span_arguments: frozenset[str] = frozenset()  # string arguments of the decoded tools that copy a span of it
+    result_tokens: tuple[int, ...] = ()  # token ids of the tool result the reply follows (result copy bias)
 
 
 class DeltaMemChat(BaseChatModel):
@@ -122,6 +126,11 @@ class DeltaMemChat(BaseChatModel):
         160.
       - ``copy_bias``: added to the logits of the newest user message's tokens while tool arguments are decoded
         (2.0 by default for the embedded backbone), so stated numbers and names are copied.
+      - ``span_arguments``: ``{tool name: [string argument, ...]}`` whose values must be a span of the newest
+        user message (word-aligned, case-insensitive; ``serving.span_copy``), or ``"strings"`` for every free
+        string argument (no enum) of every bound tool. The model still picks the span.
+      - ``result_copy_bias``: after a tool result, added to the logits of the result's tokens while the reply
+        text is decoded, so the reply restates what the tool said (the model still writes it).
     """
 
     # Unknown constructor arguments are an error (pydantic's own message names them), not silently ignored;
@@ -146,6 +155,8 @@ class DeltaMemChat(BaseChatModel):
     value_providers: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)
     repetition: RepetitionSettings | None = Field(default_factory=RepetitionSettings)
     copy_bias: float = 0.0
+    span_arguments: dict[str, list[str]] | Literal["strings"] = Field(default_factory=dict)
+    result_copy_bias: float = 0.0
     streaming: bool = False  # LangChain's convention; tokens reach callbacks' on_llm_new_token either way
 
     @classmethod
@@ -165,6 +176,7 @@ class DeltaMemChat(BaseChatModel):
             kwargs.setdefault("tool_scoring", "likelihood")
             kwargs.setdefault("copy_bias", 2.0)
             kwargs.setdefault("reply_bias", 1.5)  # tuned on the tune half of the request set (docs/tool-choice.md)
+            kwargs.setdefault("result_copy_bias", 2.0)
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
@@ -273,11 +285,32 @@ class DeltaMemChat(BaseChatModel):
                 )
                 decode_specs = [s for s in specs if s.name == choice.action]
                 decode_reply = not decode_specs
+                # the envelope is decoded with the chosen action's instructions only (nothing else is allowed)
+                narrowed = _with_system_text(_without(plan.prompt, extra), instructions(decode_specs, decode_reply))
+                prompt_ids = self.engine.render_prompt(narrowed)
             schema = envelope_schema(decode_specs, decode_reply)
             grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
+        else:
+            decode_specs = []
         request = _newest_user_text(messages)
-        copy_tokens = tuple(self.engine.tokenizer(request, add_special_tokens=False)["input_ids"]) if grammar else ()
-        return _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens), io
+        encode = self.engine.tokenizer
+        copy_tokens = tuple(encode(request, add_special_tokens=False)["input_ids"]) if grammar else ()
+        spans = frozenset(self._span_arguments(decode_specs)) if grammar else frozenset()
+        result = messages[-1].text if grammar is not None and isinstance(messages[-1], ToolMessage) else ""
+        result_tokens = tuple(encode(result, add_special_tokens=False)["input_ids"]) if result else ()
+        turn = _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens)
+        return dataclasses.replace(turn, request=request, span_arguments=spans, result_tokens=result_tokens), io
+
+    def _span_arguments(self, specs) -> list[str]:
+        """The string arguments of ``specs`` that copy a span of the request (``span_arguments``)."""
+        out = []
+        for spec in specs:
+            properties = spec.parameters.get("properties") or {}
+            if self.span_arguments == "strings":
+                out += [k for k, v in properties.items() if v.get("type") == "string" and "enum" not in v]
+            else:
+                out += [k for k in self.span_arguments.get(spec.name, ()) if k in properties]
+        return out
 
     def _tools(self, kwargs: dict, request: str) -> tuple[list, bool, str]:
         """The tools offered this turn (after tool_choice, grounding and preselection), whether a reply is
@@ -294,10 +327,10 @@ class DeltaMemChat(BaseChatModel):
             specs = preselect(specs, request, self.tool_preselect)
         return specs, allow_reply, instructions(specs, allow_reply)
 
-    def _settings(
-        self, stop: list[str] | None, kwargs: dict, under_grammar: bool = False, copy_tokens=()
-    ) -> GenerationSettings:
+    def _settings(self, stop: list[str] | None, kwargs: dict, turn: "_Turn | None" = None) -> GenerationSettings:
         stops = tuple((stop or []) + (self.stop or []))
+        under_grammar = turn is not None and turn.grammar is not None
+        copy_tokens = turn.copy_tokens if turn is not None else ()
         controls = []
         if self.repetition is not None and not under_grammar:
             controls.append(self.repetition)
@@ -309,6 +342,10 @@ class DeltaMemChat(BaseChatModel):
             )
         if under_grammar and self.copy_bias and copy_tokens:
             controls.append(CopyBias(frozenset(copy_tokens), self.copy_bias, after=ARGUMENTS_HEAD))
+        if under_grammar and turn.span_arguments and turn.request:
+            controls.append(SpanCopy(turn.request, turn.span_arguments, self.engine.tokenizer))
+        if under_grammar and self.result_copy_bias and turn.result_tokens:
+            controls.append(CopyBias(frozenset(turn.result_tokens), self.result_copy_bias, after=REPLY_HEAD))
         return GenerationSettings(
             controls=tuple(controls),
             max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
@@ -323,7 +360,7 @@ class DeltaMemChat(BaseChatModel):
         with usage, finish reason and any tool call."""
         kwargs = resolve_call_options(kwargs, self.model_name, (TURN_KWARG, THREAD_KWARG, VALUES_KWARG))
         turn, _ = self._begin_turn(messages, kwargs)
-        settings = self._settings(stop, kwargs, turn.grammar is not None, turn.copy_tokens)
+        settings = self._settings(stop, kwargs, turn)
         done: GenerationDone | None = None
         raw, shown = "", ""  # under a grammar: the envelope so far, and the reply text already streamed
         for event in self.engine.stream(turn.state, turn.prompt_ids, settings, turn.grammar):
@@ -452,6 +489,13 @@ def _without(prompt: list[dict], extra: str) -> list[dict]:
         return prompt
     system = prompt[0]["content"].removesuffix(extra).rstrip()
     return ([{"role": "system", "content": system}] if system else []) + prompt[1:]
+
+
+def _with_system_text(prompt: list[dict], text: str) -> list[dict]:
+    """The prompt with ``text`` after its system message (a new system message if it has none)."""
+    if prompt and prompt[0]["role"] == "system":
+        return [{"role": "system", "content": prompt[0]["content"] + "\n\n" + text}, *prompt[1:]]
+    return [{"role": "system", "content": text}, *prompt]
 
 
 def _newest_user_text(messages: list[BaseMessage]) -> str:

@@ -3,7 +3,7 @@
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.agents.graph import build_agent
 from examples.ticketing_bot.tickets import TicketDB
-from examples.ticketing_bot.tools import make_tools, value_providers
+from examples.ticketing_bot.tools import make_tools, span_arguments, value_providers
 
 SYSTEM_PROMPT = (
     "You are the IT support assistant of Acme Corp. You help {user} with their tickets. "
@@ -21,8 +21,12 @@ def build_bot(chat: DeltaMemChat, db: TicketDB, checkpointer):
     """The compiled agent graph. Invoke it with config ``{"configurable": {"thread_id", "user_id"}}``."""
     # Every model call runs under tool_choice="auto": the model decides between replying and each tool
     # (DeltaMemChat's likelihood tool choice on the embedded backbone, docs/tool-choice.md). Ticket ids are
-    # grounded in the user's tickets (value_providers), and after one tool round the model answers in text.
-    chat = chat.model_copy(update={"value_providers": {**value_providers(db), **chat.value_providers}})
+    # grounded in the user's tickets (value_providers), free-text arguments are spans of the user's message
+    # (span_arguments), and after one tool round the model answers in text.
+    spans = chat.span_arguments if chat.span_arguments == "strings" else {**span_arguments(), **chat.span_arguments}
+    chat = chat.model_copy(
+        update={"value_providers": {**value_providers(db), **chat.value_providers}, "span_arguments": spans}
+    )
     return build_agent(
         chat,
         make_tools(db),

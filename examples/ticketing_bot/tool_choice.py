@@ -5,7 +5,8 @@
 
 The request set (``requests.json``, committed before any method work) has four tool sets of 6-7 tools from
 different domains; every item is one fresh turn (the tool set's system prompt and the request) with that set's
-tools bound. Modes: ``any`` (the model must call a tool) and ``auto`` (it may reply in text). Measured: the right
+tools bound. Modes: ``any`` (the model must call a tool), ``auto`` (it may reply in text) and ``named`` (the
+expected tool is named in ``tool_choice``, so only the arguments are measured; tool items only). Measured: the right
 tool under ``any``; under ``auto`` the right tool on tool items and a plain reply on reply items, separately; the
 stated argument values (numbers, names, days, times the request spells out) copied exactly into the call; and the
 largest count of any token 4-gram in a reply. The halves are fixed in the file (tool items and reply items each
@@ -55,9 +56,13 @@ def evaluate(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple[dict, 
     rows, summary = [], {}
     for set_name, spec in sets.items():
         for mode in modes:
-            bound = chat.bind_tools(spec["tools"], tool_choice=mode)
+            bound = chat.bind_tools(spec["tools"], tool_choice=mode) if mode != "named" else None
             for text, expected, stated in spec["items"]:
+                if mode == "named" and expected == "reply":
+                    continue
                 t0 = time.perf_counter()
+                if mode == "named":  # the expected tool is named: only the arguments are the model's
+                    bound = chat.bind_tools(spec["tools"], tool_choice=expected)
                 reply = bound.invoke([SystemMessage(spec["system"]), HumanMessage(text)])
                 call = reply.tool_calls[0] if reply.tool_calls else None
                 chosen = call["name"] if call else "reply"
@@ -88,35 +93,41 @@ def evaluate(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple[dict, 
 
 def evaluate_choice(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple[dict, list[dict]]:
     """Like :func:`evaluate`, but only the likelihood choice DeltaMemChat makes before decoding (the decoded
-    envelope is restricted to the chosen action, so the chosen tool is the one called)."""
+    envelope is restricted to the chosen action, so the chosen tool is the one called). The actions are scored
+    once per item; "any" takes the best tool, "auto" the best action with the reply's bias."""
     from deltamem_agents.serving.tool_choice import choose_action
-    from deltamem_agents.serving.tool_grammar import tool_specs
+    from deltamem_agents.serving.tool_grammar import REPLY_ACTION, tool_specs
 
     rows, summary = [], {}
     for set_name, spec in sets.items():
         specs = tool_specs(spec["tools"])
-        for mode in modes:
-            for text, expected, stated in spec["items"]:
-                t0 = time.perf_counter()
-                messages = [{"role": "system", "content": spec["system"]}, {"role": "user", "content": text}]
-                choice = choose_action(chat.engine, None, messages, specs, mode == "auto", reply_bias=chat.reply_bias)
+        for text, expected, stated in spec["items"]:
+            t0 = time.perf_counter()
+            messages = [{"role": "system", "content": spec["system"]}, {"role": "user", "content": text}]
+            scores = choose_action(chat.engine, None, messages, specs, True, reply_bias=chat.reply_bias).scores
+            seconds = round((time.perf_counter() - t0) / len(modes), 2)
+            for mode in modes:
+                allowed = [a for a in scores if mode == "auto" or a != REPLY_ACTION]
+                chosen = max(allowed, key=scores.get)
                 rows.append(
                     {
                         "set": set_name,
                         "mode": mode,
                         "request": text,
                         "expected": expected,
-                        "chosen": choice.action,
+                        "chosen": chosen,
                         "args": {},
                         "stated": stated,
                         "copied": {},
                         "reply": "",
                         "max_4gram": 0,
-                        "seconds": round(time.perf_counter() - t0, 2),
+                        "seconds": seconds,
+                        "scores": scores,
                     }
                 )
-                mark = "ok  " if choice.action == expected else "MISS"
-                log(f"[{set_name}/{mode}] {mark} {choice.action:>20} <- {text}")
+                mark = "ok  " if chosen == expected else "MISS"
+                log(f"[{set_name}/{mode}] {mark} {chosen:>20} <- {text}")
+        for mode in modes:
             summary[f"{set_name}/{mode}"] = tally([r for r in rows if r["set"] == set_name and r["mode"] == mode])
     for mode in modes:
         summary[f"all/{mode}"] = tally([r for r in rows if r["mode"] == mode])
@@ -165,6 +176,11 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="any,auto")
     parser.add_argument("--tool-scoring", default=None, help="override DeltaMemChat.tool_scoring")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override the chat's reply budget")
+    parser.add_argument("--copy-bias", type=float, default=None, help="override DeltaMemChat.copy_bias")
+    parser.add_argument("--reply-bias", type=float, default=None, help="override DeltaMemChat.reply_bias")
+    parser.add_argument(
+        "--span-arguments", default=None, choices=["none", "strings"], help="override DeltaMemChat.span_arguments"
+    )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     parser.add_argument(
         "--choice-only",
@@ -184,6 +200,12 @@ def main(argv=None) -> int:
         overrides["tool_scoring"] = args.tool_scoring
     if args.max_new_tokens is not None:
         overrides["max_new_tokens"] = args.max_new_tokens
+    if args.copy_bias is not None:
+        overrides["copy_bias"] = args.copy_bias
+    if args.reply_bias is not None:
+        overrides["reply_bias"] = args.reply_bias
+    if args.span_arguments is not None:
+        overrides["span_arguments"] = {} if args.span_arguments == "none" else args.span_arguments
     chat = DeltaMemChat.from_backbone(args.backbone, **overrides)
     sets = load_requests(args.half)
     if args.sets:
@@ -202,7 +224,15 @@ def main(argv=None) -> int:
             "half": args.half,
             "settings": {
                 k: getattr(chat, k, None)
-                for k in ("tool_scoring", "reply_bias", "copy_bias", "max_new_tokens", "repetition")
+                for k in (
+                    "tool_scoring",
+                    "reply_bias",
+                    "copy_bias",
+                    "span_arguments",
+                    "tool_calibration",
+                    "max_new_tokens",
+                    "repetition",
+                )
             },
         }
         out = Path(args.out)

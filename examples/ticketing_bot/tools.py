@@ -1,7 +1,6 @@
 """The agent's tools over the ticket database. The user id comes from the run config (``user_id``), never from
 the model, so a user can only ever touch their own tickets."""
 
-import json
 from typing import Literal
 
 from langchain_core.runnables import RunnableConfig
@@ -16,9 +15,6 @@ def make_tools(db: TicketDB) -> list:
 
     def user(config: RunnableConfig) -> str:
         return config["configurable"]["user_id"]
-
-    def show(value) -> str:
-        return json.dumps(value, ensure_ascii=False)
 
     def summary(ticket: dict) -> str:
         """A ticket as a few plain sentences: easier for a small model to restate than JSON."""
@@ -41,7 +37,8 @@ def make_tools(db: TicketDB) -> list:
     @tool
     def list_my_tickets(config: RunnableConfig) -> str:
         """List the user's open tickets with their status."""
-        return show(db.list(user(config)))
+        tickets = [summary(db.get(user(config), t["id"])) for t in db.list(user(config))]
+        return "\n".join(tickets) or "You have no open tickets."
 
     @tool
     def lookup_ticket(ticket_id: int, config: RunnableConfig) -> str:
@@ -99,4 +96,14 @@ def value_providers(db: TicketDB) -> dict:
         "update_ticket_status": changes,
         "comment_on_ticket": changes,
         "close_ticket": changes,
+    }
+
+
+def span_arguments() -> dict:
+    """``DeltaMemChat.span_arguments`` for :func:`make_tools`: a ticket's title and description, a comment and a
+    resolution are spans of what the user wrote (the model picks the span)."""
+    return {
+        "create_ticket": ["title", "description"],
+        "comment_on_ticket": ["comment"],
+        "close_ticket": ["resolution"],
     }

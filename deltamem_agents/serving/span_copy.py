@@ -1,0 +1,118 @@
+"""Span-copy arguments: a string argument whose value must be a span of a source text (the user's message).
+
+A 135M model asked for a ticket's title writes "Update" for "my laptop will not turn on since this morning's
+update"; a soft copy bias pushes it to repeat one word of the request. When a tool declares that an argument
+copies the request (``DeltaMemChat.span_arguments``), decoding that string admits only tokens that continue a span
+of the source, starting at a word and ending at a word boundary (case-insensitive, so "Laptop" may start a span
+at "laptop"). The model still chooses where the span starts, how it continues and where it stops; the grammar
+still decides what is valid JSON.
+
+A logit control like those in ``serving.repetition``: ``start()`` returns the per-generation state, with
+``adjust(logits)`` after the grammar mask and ``observe(token, produced, text)``.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class SpanCopy:
+    """While the string value of one of ``arguments`` is decoded (its text follows ``"<name>": "``), only tokens
+    that keep the value a span of ``source`` are allowed, plus the closing quote at a word boundary.
+
+    Attributes:
+        source: the text the value is copied from.
+        arguments: names of the string arguments that copy a span (in the envelope being decoded).
+        tokenizer: the backbone's tokenizer (for the text of every token).
+    """
+
+    source: str
+    arguments: frozenset[str]
+    tokenizer: object
+
+    def start(self) -> "_SpanState":
+        return _SpanState(self)
+
+
+class _SpanState:
+    def __init__(self, settings: SpanCopy):
+        self.settings = settings
+        self.source = settings.source.lower()
+        self.heads = tuple(f'"{name}": "' for name in settings.arguments)
+        texts = token_texts(settings.tokenizer)
+        self.pieces = _pieces(texts, self.source)  # [(token id, lower-case text)] of tokens inside the source
+        self.closers = [i for i, t in enumerate(texts) if t.startswith('"')]
+        self.value_start: int | None = None  # index in the decoded text where the current value begins
+        self.text = ""  # the decoded text so far
+
+    def _ends(self, value: str) -> list[int]:
+        """Positions in the source right after an occurrence of ``value`` that starts at a word."""
+        value, n = value.lower(), len(value)
+        if not value:
+            return [i for i in range(len(self.source)) if _word_start(self.source, i)]
+        return [i + n for i in _find_all(self.source, value) if _word_start(self.source, i)]
+
+    def adjust(self, logits: torch.Tensor) -> None:
+        if self.value_start is None:
+            return
+        value = self.text[self.value_start :]
+        ends = self._ends(value)
+        allowed = [i for i, piece in self.pieces if any(self.source.startswith(piece, e) for e in ends)]
+        if value and any(_word_end(self.source, e) for e in ends):
+            allowed += self.closers
+        if not allowed:
+            return  # nothing continues a span (e.g. an escape was needed): leave it to the grammar
+        keep = torch.full_like(logits, float("-inf"))
+        index = torch.tensor(allowed, device=logits.device)
+        keep[index] = logits[index]
+        if torch.isfinite(keep).any():  # the grammar allows at least one of them
+            logits.copy_(keep)
+
+    def observe(self, token: int, produced: list[int], text: str) -> bool:
+        self.text = text
+        if self.value_start is not None:
+            if '"' in text[self.value_start :]:
+                self.value_start = None  # the value is closed
+        elif any(text.endswith(head) for head in self.heads):
+            self.value_start = len(text)
+        return False
+
+
+def _find_all(text: str, piece: str) -> list[int]:
+    out, i = [], text.find(piece)
+    while i >= 0:
+        out.append(i)
+        i = text.find(piece, i + 1)
+    return out
+
+
+def _word_start(text: str, i: int) -> bool:
+    return i < len(text) and text[i].isalnum() and (i == 0 or not text[i - 1].isalnum())
+
+
+def _word_end(text: str, i: int) -> bool:
+    return i == len(text) or not (text[i].isalnum() and text[i - 1].isalnum())
+
+
+def _pieces(texts: tuple[str, ...], source: str) -> list[tuple[int, str]]:
+    """(id, lower-case text) of every token whose text occurs in ``source`` (case-insensitive)."""
+    longest = 24
+    spans = {source[i:j] for i in range(len(source)) for j in range(i + 1, min(len(source), i + longest) + 1)}
+    index = _by_text(texts)
+    return [(i, text) for text in spans for i in index.get(text, ())]
+
+
+@lru_cache(maxsize=4)
+def token_texts(tokenizer) -> tuple[str, ...]:
+    """The decoded text of every token id (cached per tokenizer)."""
+    return tuple(tokenizer.decode([i]) for i in range(len(tokenizer)))
+
+
+@lru_cache(maxsize=4)
+def _by_text(texts: tuple[str, ...]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        out.setdefault(text.lower(), []).append(i)
+    return out
