@@ -20,6 +20,11 @@ _LAZY = {
     "build_agent": "deltamem_agents.agents.graph",
     "build_chatbot": "deltamem_agents.agents.graph",
     "memory_node": "deltamem_agents.agents.graph",
+    "forget_thread": "deltamem_agents.agents.graph",
+    "aforget_thread": "deltamem_agents.agents.graph",
+    "InMemoryStore": "deltamem_agents.agents.store",
+    "SqliteMemoryStore": "deltamem_agents.agents.store",
+    "PostgresMemoryStore": "deltamem_agents.agents.store",
     "DeltaMemMiddleware": "deltamem_agents.agents.middleware",
 }
 
@@ -51,6 +56,11 @@ __all__ = [
     "build_agent",
     "build_chatbot",
     "memory_node",
+    "forget_thread",
+    "aforget_thread",
+    "InMemoryStore",
+    "SqliteMemoryStore",
+    "PostgresMemoryStore",
     "AdapterError",
     "BackboneError",
     "ConfigError",

@@ -4,11 +4,12 @@ usage: python fault_worker.py MODE DB THREAD TURN [MARKER]
 MODE: graph-run        run user turn TURN through a chatbot graph over DB: SqliteSaver(path) or, for a
                        postgresql:// URL, PostgresSaver(url)
       graph-resume     resume the thread's pending run (invoke(None)) after a crash
-      store-run        run turn TURN standalone with SqliteMemoryStore(DB)
+      store-run        run turn TURN standalone (no checkpointer) with SqliteMemoryStore(DB)
+The memory states live beside the checkpoints: SqliteMemoryStore(DB) or PostgresMemoryStore(url).
 MARKER: if given, touch it and hang (so the parent can kill us) at the point named by $FAULT_AT:
-      "generation" (first decoded token) or "checkpoint" (inside the write of the turn's final checkpoint or
-      of the store's row, before it commits).
-Prints "REPLY\\t<text>" and "MEMORY\\t<hex>" when it completes.
+      "generation" (first decoded token) or "checkpoint" (inside the write of the turn's final checkpoint or,
+      standalone, of the memory state's row, before it commits).
+Prints "REPLY\\t<text>" and "MEMORY\\t<hex>" when it completes (store-run also "STATES\\t<thread's states>").
 """
 
 import os
@@ -26,7 +27,7 @@ from tiny_chat import tiny_engine  # noqa: E402
 
 from deltamem_agents.agents.chat import DeltaMemChat  # noqa: E402
 from deltamem_agents.agents.graph import build_chatbot  # noqa: E402
-from deltamem_agents.agents.store import SqliteMemoryStore  # noqa: E402
+from deltamem_agents.agents.store import PostgresMemoryStore, SqliteMemoryStore  # noqa: E402
 from deltamem_agents.serving.engine import MemoryEngine, TextPiece  # noqa: E402
 
 
@@ -49,11 +50,10 @@ def install_fault(marker: str, turn: int) -> None:
         MemoryEngine.stream = stream
     elif where == "checkpoint":
         import langgraph.checkpoint.postgres as postgres
-        import sqlite_utils
 
         original_put = SqliteSaver.put
         original_metadata = postgres.get_serializable_checkpoint_metadata
-        original_upsert = sqlite_utils.db.Table.upsert
+        original_insert = SqliteMemoryStore._insert
 
         def put(self, config, checkpoint, metadata, new_versions):
             if len(checkpoint["channel_values"].get("messages", [])) == 2 * turn:  # the turn's final checkpoint
@@ -67,14 +67,14 @@ def install_fault(marker: str, turn: int) -> None:
                 hang(marker)
             return original_metadata(config, metadata)
 
-        def upsert(self, record, *args, **kwargs):
-            result = original_upsert(self, record, *args, **kwargs)  # the row is written, not yet committed
-            hang(marker)
-            return result
+        def insert(conn, *args):
+            original_insert(conn, *args)  # the rows are written, not yet committed
+            if os.environ.get("FAULT_MODE") == "store-run":
+                hang(marker)
 
         SqliteSaver.put = put
         postgres.get_serializable_checkpoint_metadata = metadata
-        sqlite_utils.db.Table.upsert = upsert
+        SqliteMemoryStore._insert = staticmethod(insert)
     else:
         raise SystemExit(f"unknown FAULT_AT {where!r}")
 
@@ -104,9 +104,11 @@ def conversation(thread: str, turn: int) -> list:
 
 def main() -> None:
     mode, db, thread, turn = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    os.environ["FAULT_MODE"] = mode
     if len(sys.argv) > 5:
         install_fault(sys.argv[5], turn)
-    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    store = PostgresMemoryStore(db) if db.startswith("postgresql://") else SqliteMemoryStore(db)
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2, store=store)
     config = {"configurable": {"thread_id": thread}}
     if mode.startswith("graph"):
         with open_saver(db) as saver:
@@ -114,14 +116,13 @@ def main() -> None:
             inputs = None if mode == "graph-resume" else {"messages": [user_turn(thread, turn)]}
             state = graph.invoke(inputs, config)
         print(f"REPLY\t{state['messages'][-1].content!r}")
-        print(f"MEMORY\t{state['memory'].hex()}")
+        print(f"MEMORY\t{chat.stored_memory(state['messages']).hex()}")
     else:
-        store = SqliteMemoryStore(db)
-        chat.store = store
-        reply = chat.invoke(conversation(thread, turn), config)
+        messages = conversation(thread, turn)
+        reply = chat.invoke(messages, config)
         print(f"REPLY\t{reply.content!r}")
-        print(f"MEMORY\t{store.load(thread).state.hex()}")
-        print(f"WRITTEN\t{','.join(store.load(thread).written)}")
+        print(f"MEMORY\t{chat.stored_memory(messages).hex()}")
+        print(f"STATES\t{len(store.keys_of(thread))}")
 
 
 if __name__ == "__main__":

@@ -39,10 +39,12 @@ def other_backbone_engine():
 
 
 @pytest.mark.parametrize("damage", ["corrupted", "truncated", "nan", "inf", "foreign", "other-backbone"])
-def test_bad_memory_in_the_checkpoint_fails_clearly_and_keeps_the_checkpoint(engine, damage):
+def test_bad_memory_in_the_store_fails_clearly_and_keeps_the_checkpoint(engine, damage):
     chat = DeltaMemChat(engine=engine, max_new_tokens=4)
     graph, config = graph_with_turns(chat)
-    good = graph.get_state(config).values["memory"]
+    messages = graph.get_state(config).values["messages"]
+    good = chat.stored_memory(messages)
+    [key] = chat.store.keys_of("g")
     if damage == "corrupted":
         bad = b"\x00" * 8 + good[8:]
     elif damage == "truncated":
@@ -56,14 +58,14 @@ def test_bad_memory_in_the_checkpoint_fails_clearly_and_keeps_the_checkpoint(eng
         other_engine = tiny_engine(seed=5) if damage == "foreign" else other_backbone_engine()
         other = DeltaMemChat(engine=other_engine, max_new_tokens=4)
         other_graph, other_config = graph_with_turns(other, "other")
-        bad = other_graph.get_state(other_config).values["memory"]
-    graph.update_state(config, {"memory": bad})
+        bad = other.stored_memory(other_graph.get_state(other_config).values["messages"])
+    chat.store.put(key, bad, None)  # the stored state damaged in place
     before = graph.get_state(config)
     with pytest.raises(MemoryStateError, match="corrupted|NaN|another adapter|written by adapter"):
         graph.invoke({"messages": [HumanMessage("turn 3", id="u3")]}, config)
     after = graph.get_state(config)
-    assert after.values["memory"] == bad and len(after.values["messages"]) == len(before.values["messages"]) + 1
-    graph.update_state(config, {"memory": good})  # restoring the good bytes makes the thread usable again
+    assert chat.store.get(key) == bad and len(after.values["messages"]) == len(before.values["messages"]) + 1
+    chat.store.put(key, good, None)  # restoring the good bytes makes the thread usable again
     assert graph.invoke(None, config)["messages"][-1].type == "ai"
 
 
@@ -75,13 +77,14 @@ def test_an_empty_message_list_fails_clearly_on_a_new_thread_and_continues_an_ex
     new = {"configurable": {"thread_id": "empty"}}
     with pytest.raises(MessageError, match="no messages"):
         graph.invoke({"messages": []}, new)
-    assert graph.get_state(new).values.get("memory") is None  # nothing was written for it
+    assert len(chat.store) == 0  # nothing was written for it
     graph, config = graph_with_turns(chat)
     before = graph.get_state(config).values
     after = graph.invoke({"messages": []}, config)  # like any chat graph: the assistant speaks again
     assert after["messages"][: len(before["messages"])] == before["messages"]
     assert len(after["messages"]) == len(before["messages"]) + 1 and after["messages"][-1].type == "ai"
-    assert after["written"] == before["written"]  # the newest user message is still the same: nothing new to write
+    # the newest user message is still the same: nothing new to write
+    assert after["messages"][-1].response_metadata["memory_tokens_written"] == 0
 
 
 def test_unknown_roles_fail_clearly(engine):
@@ -109,7 +112,7 @@ def test_caps_that_do_not_fit_the_context_give_a_clear_error_and_keep_the_memory
     messages = [HumanMessage(huge, id="1"), AIMessage("ok", id="2"), HumanMessage(huge + " end", id="3")]
     with pytest.raises(MessageError, match="nothing of it was cut"):
         chat.invoke(messages, {"configurable": {"thread_id": "tight"}})
-    assert chat.store.load("tight").written == ("1", "2")  # the write pass was kept
+    assert chat.stored_memory(messages) is not None  # the write pass was kept
 
 
 def test_a_huge_tool_result_is_cut_in_the_prompt_but_kept_in_the_state(engine):
@@ -128,9 +131,10 @@ def test_a_huge_tool_result_is_cut_in_the_prompt_but_kept_in_the_state(engine):
 
 def test_an_unknown_thread_starts_from_an_empty_memory(engine):
     chat = DeltaMemChat(engine=engine, max_new_tokens=4)
-    assert chat.store.load("never-seen") is None
-    chat.invoke([HumanMessage("hello")], {"configurable": {"thread_id": "never-seen"}})
-    assert MemoryState.from_bytes(chat.store.load("never-seen").state).is_zero()
+    assert chat.store.keys_of("never-seen") == []
+    reply = chat.invoke([HumanMessage("hello")], {"configurable": {"thread_id": "never-seen"}})
+    assert reply.response_metadata["memory_tokens_written"] == 0
+    assert chat.memory_of([HumanMessage("hello")]).is_zero()
     graph = build_chatbot(chat, checkpointer=InMemorySaver())
     assert graph.get_state({"configurable": {"thread_id": "nobody"}}).values == {}
 
@@ -140,36 +144,42 @@ def test_forget_removes_memory_and_checkpoints_from_the_database_file(tmp_path, 
 
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    chat = DeltaMemChat(engine=engine, max_new_tokens=4)
+    from deltamem_agents.agents.graph import forget_thread
+    from deltamem_agents.agents.store import SqliteMemoryStore
+
     path = tmp_path / "cp.db"
+    chat = DeltaMemChat(engine=engine, max_new_tokens=4, store=SqliteMemoryStore(path))  # in the saver's file
     with SqliteSaver.from_conn_string(str(path)) as saver:
         graph = build_chatbot(chat, checkpointer=saver)
         config = {"configurable": {"thread_id": "secret-user"}}
-        for turn in (1, 2):
-            graph.invoke({"messages": [HumanMessage(f"my pin is 4{turn}{turn}7", id=f"p{turn}")]}, config)
-        saver.delete_thread("secret-user")
+        for turn in (1, 2, 3):
+            state = graph.invoke({"messages": [HumanMessage(f"my pin is 4{turn}{turn}7", id=f"p{turn}")]}, config)
+        memory = chat.stored_memory(state["messages"])
+        assert memory is not None and memory[-4096:] in path.read_bytes() + (tmp_path / "cp.db-wal").read_bytes()
+        assert forget_thread(saver, chat, "secret-user") == 2
     connection = sqlite3.connect(path)
-    for table in ("checkpoints", "writes"):
-        assert (
-            connection.execute(f"select count(*) from {table} where thread_id = ?", ["secret-user"]).fetchone()[0] == 0
-        )
+    for table in ("checkpoints", "writes", "state_refs"):
+        column = "owner" if table == "state_refs" else "thread_id"
+        query = f"select count(*) from {table} where {column} = ?"
+        assert connection.execute(query, ["secret-user"]).fetchone()[0] == 0
+    assert connection.execute("select count(*) from states").fetchone()[0] == 0
     connection.execute("vacuum")
     connection.close()
-    assert b"pin is" not in path.read_bytes()
+    files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"pin is" not in files and memory[-4096:] not in files  # the memory's bytes, not only its rows
 
 
-def test_a_state_is_read_only_with_its_thread_id(tmp_path, engine):
+def test_stores_take_thread_ids_as_data(tmp_path, engine):
     from deltamem_agents.agents.store import SqliteMemoryStore
 
     store = SqliteMemoryStore(tmp_path / "s.db")
     chat = DeltaMemChat(engine=engine, max_new_tokens=4, store=store)
-    chat.invoke(
-        [HumanMessage("a", id="1"), AIMessage("b", id="2"), HumanMessage("c", id="3")],
-        {"configurable": {"thread_id": "alice"}},
-    )
-    assert store.load("alice") is not None and store.load("bob") is None
-    assert store.load("alice%") is None and store.load("' or '1'='1") is None
-    assert torch.is_tensor(MemoryState.from_bytes(store.load("alice").state).tensor)
+    messages = [HumanMessage("a", id="1"), AIMessage("b", id="2"), HumanMessage("c", id="3")]
+    chat.invoke(messages, {"configurable": {"thread_id": "alice"}})
+    assert store.keys_of("alice") and store.keys_of("bob") == []
+    assert store.keys_of("alice%") == [] and store.keys_of("' or '1'='1") == []
+    assert store.forget("' or '1'='1") == 0 and store.forget("%") == 0 and store.owners() == ["alice"]
+    assert torch.is_tensor(MemoryState.from_bytes(chat.stored_memory(messages)).tensor)
 
 
 def test_forget_removes_a_standalone_thread_from_the_store_file(tmp_path, engine):
@@ -188,14 +198,12 @@ def test_forget_removes_a_standalone_thread_from_the_store_file(tmp_path, engine
 
     for thread in ("secret-user", "other-user"):
         chat.invoke(turn(thread), {"configurable": {"thread_id": thread}})
-    secret = store.load("secret-user").state
-    kept = store.load("other-user")
-    chat.forget("secret-user")
-    assert store.load("secret-user") is None and store.load("other-user") == kept
+    secret = chat.stored_memory(turn("secret-user"))
+    kept = chat.stored_memory(turn("other-user"))
+    assert chat.forget("secret-user") == 1
+    assert chat.stored_memory(turn("secret-user")) is None and chat.stored_memory(turn("other-user")) == kept
     files = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("threads.db"))
     assert b"secret-user" not in files and secret[-4096:] not in files  # the row's bytes, not only its key
-    assert kept.state[-4096:] in files and secret != kept.state
-    reply = chat.invoke(
-        turn("secret-user"), {"configurable": {"thread_id": "secret-user"}}
-    )  # starts again from empty memory
-    assert reply.response_metadata["memory_tokens_written"] > 0 and store.load("secret-user").step == 1
+    assert kept[-4096:] in files and secret != kept
+    reply = chat.invoke(turn("secret-user"), {"configurable": {"thread_id": "secret-user"}})  # computed again
+    assert reply.response_metadata["memory_tokens_written"] > 0 and chat.stored_memory(turn("secret-user")) == secret

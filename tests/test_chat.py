@@ -12,7 +12,7 @@ from tiny_chat import Script, tiny_engine
 from deltamem_agents import MemoryState
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.agents.store import SqliteMemoryStore
-from deltamem_agents.agents.turn import MessageError
+from deltamem_agents.agents.turn import MessageError, to_chat_dict
 
 
 def lookup_ticket(ticket_id: int) -> str:
@@ -82,34 +82,49 @@ def test_thread_memory_writes_each_older_message_once(chat):
     first = [HumanMessage("my name is Ada", id="u1")]
     reply = chat.invoke(first, cfg)
     assert reply.response_metadata["memory_tokens_written"] == 0  # nothing older than the newest user message
-    saved = chat.store.load("t1")
-    assert saved.written == () and saved.step == 1
+    assert len(chat.store) == 0
     second = first + [AIMessage(reply.content, id="a1"), HumanMessage("what is my name?", id="u2")]
     again = chat.invoke(second, cfg)
     assert again.response_metadata["memory_tokens_written"] > 0
-    saved = chat.store.load("t1")
-    assert saved.written == ("u1", "a1")
-    state = MemoryState.from_bytes(saved.state)
+    assert chat.store.owners() == ["t1"] and len(chat.store) == 1
+    state = MemoryState.from_bytes(chat.stored_memory(second))
     assert not state.is_zero()
-    # the same turn again writes nothing new: tracked by id, not re-written
+    # the same turn again writes nothing new: the state of those messages is stored
     third = chat.invoke(second, cfg)
     assert third.response_metadata["memory_tokens_written"] == 0
-    assert MemoryState.from_bytes(chat.store.load("t1").state).equal(state)
-    # an edited old message (same id) is not re-written; a new id is
+    assert MemoryState.from_bytes(chat.stored_memory(second)).equal(state)
+    # an edited old message (even with the same id) is other content: the memory follows what the messages say
     edited = [HumanMessage("my name is Bob", id="u1")] + second[1:]
-    assert chat.invoke(edited, cfg).response_metadata["memory_tokens_written"] == 0
-    assert chat.store.load("t2") is None  # other threads untouched
+    assert chat.invoke(edited, cfg).response_metadata["memory_tokens_written"] > 0
+    assert not MemoryState.from_bytes(chat.stored_memory(edited)).equal(state)
+    # a message without an id is addressed by its content too: ids do not matter, only what is written
+    anonymous = [HumanMessage("my name is Ada"), AIMessage(reply.content), HumanMessage("what is my name?")]
+    assert chat.invoke(anonymous, cfg).response_metadata["memory_tokens_written"] == 0
+    assert "t2" not in chat.store.owners()  # other threads untouched
 
 
-def test_threads_do_not_share_memory(chat):
+def test_threads_keep_their_own_memory_and_forget_only_their_own(chat):
     a = [HumanMessage("alpha alpha", id="x1"), AIMessage("ok", id="x2"), HumanMessage("and?", id="x3")]
     b = [HumanMessage("beta beta", id="y1"), AIMessage("ok", id="y2"), HumanMessage("and?", id="y3")]
     chat.invoke(a, {"configurable": {"thread_id": "A"}})
     chat.invoke(b, {"configurable": {"thread_id": "B"}})
     alone = DeltaMemChat(engine=chat.engine, max_new_tokens=12)
     alone.invoke(a, {"configurable": {"thread_id": "A"}})
-    assert chat.store.load("A").state == alone.store.load("A").state
-    assert chat.store.load("A").state != chat.store.load("B").state
+    assert chat.stored_memory(a) == alone.stored_memory(a)
+    assert chat.stored_memory(a) != chat.stored_memory(b)
+    chat.invoke(a, {"configurable": {"thread_id": "C"}})  # the same messages in another thread: one shared state
+    assert len(chat.store) == 2 and chat.store.owners() == ["A", "B", "C"]
+    assert chat.forget("A") == 0 and chat.stored_memory(a) is not None  # thread C still uses it
+    assert chat.forget("C") == 1 and chat.stored_memory(a) is None and chat.stored_memory(b) is not None
+
+
+def test_without_a_thread_the_store_is_read_but_never_added_to(chat):
+    history = [HumanMessage("alpha alpha"), AIMessage("ok"), HumanMessage("and?")]
+    assert chat.invoke(history).response_metadata["memory_tokens_written"] > 0
+    assert len(chat.store) == 0  # nobody could ever forget it
+    chat.invoke(history, {"configurable": {"session_id": "s"}})  # RunnableWithMessageHistory's key counts
+    assert chat.store.owners() == ["s"]
+    assert chat.invoke(history).response_metadata["memory_tokens_written"] == 0  # read from the store
 
 
 def test_prompt_is_bounded_and_flat_once_the_window_is_full(chat):
@@ -206,7 +221,8 @@ def test_tool_messages_and_ai_tool_calls_render(chat):
     ]
     reply = chat.invoke(messages, {"configurable": {"thread_id": "tools"}})
     assert reply.response_metadata["memory_tokens_written"] > 0
-    assert chat.store.load("tools").written == ("1", "2", "3")
+    expected = sum(chat.engine.write(None, [m])[1] for m in [to_chat_dict(x) for x in messages[:3]])
+    assert reply.response_metadata["memory_tokens_written"] == expected  # the call and its result, written
 
 
 def test_bad_messages_fail_clearly(chat):
@@ -224,23 +240,20 @@ def test_bad_messages_fail_clearly(chat):
 
 
 def test_sqlite_store_is_inspectable(tmp_path, chat):
-    store = SqliteMemoryStore(tmp_path / "threads.db")
+    store = SqliteMemoryStore(tmp_path / "states.db")
     chat = DeltaMemChat(engine=chat.engine, max_new_tokens=4, store=store)
-    chat.invoke(
-        [HumanMessage("a", id="1"), AIMessage("b", id="2"), HumanMessage("c", id="3")],
-        {"configurable": {"thread_id": "user-1"}},
-    )
+    messages = [HumanMessage("a", id="1"), AIMessage("b", id="2"), HumanMessage("c", id="3")]
+    chat.invoke(messages, {"configurable": {"thread_id": "user-1"}})
     import sqlite3
 
-    row = (
-        sqlite3.connect(tmp_path / "threads.db")
-        .execute("select thread_id, step, state_bytes, written_count, fingerprint from threads")
-        .fetchone()
-    )
-    assert row[0] == "user-1" and row[1] == 1 and row[2] == len(store.load("user-1").state) and row[3] == 2
-    assert row[4] == chat.engine.fingerprint()
-    store.delete("user-1")
-    assert store.load("user-1") is None
+    db = sqlite3.connect(tmp_path / "states.db")
+    [(key, state, size)] = db.execute("select key, state, state_bytes from states").fetchall()
+    assert db.execute("select owner, key from state_refs").fetchall() == [("user-1", key)]
+    assert state == chat.stored_memory(messages) and size == len(state)
+    assert MemoryState.from_bytes(state).fingerprint == chat.engine.fingerprint()
+    assert key == chat.engine.state_keys([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])[-1]
+    assert store.forget("user-1") == 1
+    assert store.get(key) is None and store.owners() == []
 
 
 def test_tool_preselection_keeps_the_best_matching_tools():

@@ -53,10 +53,12 @@ def test_max_tokens_is_the_langchain_spelling_of_max_new_tokens(chat):
 def test_model_must_name_the_served_model_and_a_refused_call_touches_no_memory(chat):
     config = {"configurable": {"thread_id": "m"}}
     chat.invoke("hello", config, model=chat.model_name, max_tokens=1)
-    before = chat.store.load("m")
+    history = [HumanMessage("hi", id="1"), HumanMessage("again", id="2")]
     with pytest.raises(ConfigError, match="cannot switch to model='gpt-4o'"):
-        chat.invoke([HumanMessage("hi", id="1"), HumanMessage("again", id="2")], config, model="gpt-4o")
-    assert chat.store.load("m") == before
+        chat.invoke(history, config, model="gpt-4o")
+    assert chat.stored_memory(history) is None  # the refused turn wrote nothing
+    chat.invoke(history, config, max_tokens=1)
+    assert chat.stored_memory(history) is not None  # the same turn, accepted, stores its memory
 
 
 def test_unknown_arguments_are_refused_with_what_is_accepted(chat):

@@ -1,4 +1,5 @@
-"""LangGraph integration: the memory channel is checkpointed with the messages, on every checkpointer."""
+"""LangGraph integration: every checkpoint's turn reads the memory of exactly that checkpoint's messages, on every
+checkpointer, across processes, time travel, forks and deletes."""
 
 import asyncio
 import subprocess
@@ -6,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from graph_worker import run_turns, user_turn
+from graph_worker import fresh, run_turns, user_turn
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite import SqliteSaver
@@ -15,7 +16,8 @@ from tiny_chat import Script, tiny_engine
 
 from deltamem_agents import MemoryState
 from deltamem_agents.agents.chat import DeltaMemChat
-from deltamem_agents.agents.graph import build_agent, build_chatbot
+from deltamem_agents.agents.graph import build_agent, build_chatbot, forget_thread
+from deltamem_agents.agents.store import SqliteMemoryStore
 
 WORKER = Path(__file__).parent / "graph_worker.py"
 
@@ -25,21 +27,28 @@ def chat():
     return DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
 
 
-def test_memory_channel_follows_the_turns(chat):
+def test_the_memory_follows_the_turns_and_stays_out_of_the_state(chat):
+    chat = fresh(chat)
     graph = build_chatbot(chat, checkpointer=InMemorySaver())
     config = {"configurable": {"thread_id": "t"}}
     state = graph.invoke({"messages": [user_turn("t", 1)]}, config)
-    assert state["written"] == [] and MemoryState.from_bytes(state["memory"]).is_zero()
+    assert set(state) == {"messages"}  # no memory, key or watermark in the graph state
+    assert MemoryState.from_bytes(chat.stored_memory(state["messages"])).is_zero()
+    assert state["messages"][-1].response_metadata["memory_tokens_written"] == 0
     state = graph.invoke({"messages": [user_turn("t", 2)]}, config)
-    ids = [m.id for m in state["messages"]]
-    assert state["written"] == ids[:2]  # turn 1's question and answer, by id
-    assert not MemoryState.from_bytes(state["memory"]).is_zero()
-    assert len(state["memory"]) < 2000  # only the packed state: no per-step blobs beyond it
+    assert state["messages"][-1].response_metadata["memory_tokens_written"] > 0  # turn 1's question and answer
+    memory = chat.stored_memory(state["messages"])
+    assert not MemoryState.from_bytes(memory).is_zero() and len(memory) < 2000  # one packed state
+    assert len(chat.store) == 1 and chat.store.owners() == ["t"]
+    again = graph.invoke({"messages": [user_turn("t", 3)]}, config)["messages"][-1]
+    assert 0 < again.response_metadata["memory_tokens_written"]  # only turn 2's pair: the rest was stored
+    assert len(chat.store) == 2
 
 
 def test_resume_in_a_new_process_gives_identical_memory(tmp_path, chat):
+    chat = fresh(chat)
     with SqliteSaver.from_conn_string(str(tmp_path / "straight.db")) as saver:
-        straight = run_turns(build_chatbot(chat, checkpointer=saver), "r", 1, 4)
+        straight = run_turns(build_chatbot(chat, checkpointer=saver), "r", 1, 4, chat)
     db = str(tmp_path / "resumed.db")
     for first, last in [(1, 2), (3, 4)]:
         out = subprocess.run(
@@ -50,44 +59,55 @@ def test_resume_in_a_new_process_gives_identical_memory(tmp_path, chat):
             timeout=300,
         )
     assert bytes.fromhex(out.stdout.strip()) == straight
+    assert SqliteMemoryStore(db).keys_of("r")  # the states were stored beside the checkpoints
 
 
-def test_time_travel_fork_and_delete(chat):
+def test_time_travel_fork_and_delete(tmp_path, chat):
     saver = InMemorySaver()
+    chat = chat.model_copy(update={"store": SqliteMemoryStore(tmp_path / "states.db")})
     graph = build_chatbot(chat, checkpointer=saver)
     config = {"configurable": {"thread_id": "tt"}}
-    memories = [run_turns(graph, "tt", turn, turn) for turn in (1, 2, 3, 4)]
+    memories = [run_turns(graph, "tt", turn, turn, chat) for turn in (1, 2, 3, 4)]
     original_tip = graph.get_state(config)
     history = list(graph.get_state_history(config))
     after_turn_2 = next(s for s in history if len(s.values.get("messages", [])) == 4)
-    assert after_turn_2.values["memory"] == memories[1]  # time travel restores the earlier memory
+    assert chat.stored_memory(after_turn_2.values["messages"]) == memories[1]  # the memory of that point
     fork_config = after_turn_2.config
     for turn, text in ((3, "a different turn three"), (4, "and a different four")):
         forked = graph.invoke({"messages": [HumanMessage(text, id=f"fork-{turn}")]}, fork_config)
         fork_config = graph.get_state(config).config
-    assert forked["memory"] != memories[3]  # the fork wrote its own third turn
+    fork_memory = chat.stored_memory(forked["messages"])
+    assert fork_memory != memories[3]  # the fork wrote its own third turn
+    reference = fresh(chat)  # the fork's messages from scratch: the same bytes
+    assert reference.memory_of(forked["messages"]).to_bytes() == fork_memory
     kept = graph.get_state(original_tip.config).values  # the original branch is untouched
-    assert kept["memory"] == memories[3] and kept["messages"][-2].id == "tt-u4"
-    saver.delete_thread("tt")
+    assert chat.stored_memory(kept["messages"]) == memories[3] and kept["messages"][-2].id == "tt-u4"
+    stored = len(chat.store)  # every state is this thread's
+    assert stored == 4 and forget_thread(saver, chat, "tt") == stored  # turns 2-4, and the fork's turn 4
     assert graph.get_state(config).values == {}
     assert not list(saver.list(config))
+    assert len(chat.store) == 0 and chat.store.owners() == []
+    files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert all(memory not in files for memory in (*memories[1:], fork_memory))  # not in the file, not in the WAL
 
 
 async def test_sixteen_concurrent_threads_keep_their_own_memory(tmp_path, chat):
     threads = [f"user{i}" for i in range(16)]
     async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "async.db")) as saver:
+        chat = fresh(chat)
         graph = build_chatbot(chat, checkpointer=saver)
 
         async def run(thread):
             config = {"configurable": {"thread_id": thread}}
             for turn in (1, 2, 3):
                 state = await graph.ainvoke({"messages": [user_turn(thread, turn)]}, config)
-            return state["memory"]
+            return chat.stored_memory(state["messages"])
 
         together = await asyncio.gather(*(run(t) for t in threads))
-    alone_graph = build_chatbot(chat, checkpointer=InMemorySaver())
+    alone = fresh(chat)
+    alone_graph = build_chatbot(alone, checkpointer=InMemorySaver())
     for thread, memory in zip(threads, together):
-        assert memory == run_turns(alone_graph, thread, 1, 3), thread
+        assert memory == run_turns(alone_graph, thread, 1, 3, alone), thread
     assert len(set(together)) == len(threads)
 
 

@@ -71,6 +71,8 @@ def test_small_load_run_completes_reports_and_deletes_its_threads(tmp_path, caps
 def test_max_seconds_bounds_the_run_and_kept_threads_stay_in_the_database(tmp_path):
     from langgraph.checkpoint.postgres import PostgresSaver
 
+    from deltamem_agents.agents.store import PostgresMemoryStore
+
     code = main(
         ["bench-load", "--url", URL, "--workers", "1", "--threads", "2", "--turns", "400", "--max-seconds", "1"]
         + ["--out", str(tmp_path), "--name", "bounded", "--keep-threads"]
@@ -82,11 +84,14 @@ def test_max_seconds_bounds_the_run_and_kept_threads_stay_in_the_database(tmp_pa
     assert run["turns_run"] + run["not_run"] == 800
     assert run["wall_s"] < 30  # turns in flight at the deadline finish; no new ones start
     threads = [f"{results['run_id']}-w1-{i:04d}" for i in range(2)]
+    store = PostgresMemoryStore(URL)
     with PostgresSaver.from_conn_string(URL) as saver:
         for thread in threads:
             state = saver.get_tuple({"configurable": {"thread_id": thread}})
-            assert state is not None and state.checkpoint["channel_values"]["memory"], thread
+            assert state is not None and state.checkpoint["channel_values"]["messages"], thread
+            assert store.keys_of(thread), thread  # its memory states are in the database too
             saver.delete_thread(thread)
+            store.forget(thread)
 
 
 def test_unreachable_database_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):

@@ -17,6 +17,7 @@ from tiny_chat import tiny_engine
 
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.agents.graph import build_chatbot
+from deltamem_agents.agents.store import PostgresMemoryStore
 
 URL = os.environ.get("DELTAMEM_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="set DELTAMEM_TEST_POSTGRES_URL (bash scripts/start-postgres.sh)")
@@ -24,10 +25,14 @@ WORKER = Path(__file__).parent / "postgres_worker.py"
 
 
 class Worker:
-    def __init__(self):
+    def __init__(self, setup: str = "build_chatbot"):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # several workers on a few cores: no thread oversubscription
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), URL], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, str(WORKER), URL, setup],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         assert self.process.stdout.readline().strip() == "ready"
 
@@ -52,22 +57,30 @@ def forget_afterwards():
 
     threads: list[str] = []
     yield threads
+    store = PostgresMemoryStore(URL)
     with PostgresSaver.from_conn_string(URL) as saver:
         for thread in threads:
             saver.delete_thread(thread)
+            store.forget(thread)
 
 
 @pytest.fixture(scope="module")
 def alone():
-    """Memory after running turns 1..n of a thread alone, in this process, on a fresh in-memory checkpointer."""
-    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
-    return lambda thread, turns: run_turns(build_chatbot(chat, checkpointer=InMemorySaver()), thread, 1, turns)
+    """Memory after running turns 1..n of a thread alone, in this process, on a fresh in-memory checkpointer and
+    store (so it computes every state itself)."""
+
+    def memory(thread: str, turns: int) -> bytes:
+        chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+        return run_turns(build_chatbot(chat, checkpointer=InMemorySaver()), thread, 1, turns, chat)
+
+    return memory
 
 
-def test_two_workers_alternating_turns_give_single_process_memory(alone, forget_afterwards):
+@pytest.mark.parametrize("setup", ["build_chatbot", "create_agent"])
+def test_two_workers_alternating_turns_give_single_process_memory(alone, forget_afterwards, setup):
     threads = [f"alt-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
     forget_afterwards.extend(threads)
-    workers = [Worker(), Worker()]
+    workers = [Worker(setup), Worker(setup)]
     try:
         final = {}
         for turn in range(1, 5):
@@ -81,6 +94,8 @@ def test_two_workers_alternating_turns_give_single_process_memory(alone, forget_
             w.close()
     for thread in threads:
         assert final[thread] == alone(thread, 4)
+    store = PostgresMemoryStore(URL)
+    assert all(len(store.keys_of(thread)) == 3 for thread in threads)  # turns 2-4, each stored once
 
 
 def test_hundred_threads_five_turns_four_workers_no_leakage(alone, forget_afterwards):
@@ -113,7 +128,7 @@ async def test_async_saver_concurrent_threads_then_a_sync_worker_match_alone(alo
 
     threads = [f"async-{uuid.uuid4().hex[:8]}-{i}" for i in range(12)]
     forget_afterwards.extend(threads)
-    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2, store=PostgresMemoryStore(URL))
     async with AsyncPostgresSaver.from_conn_string(URL) as saver:
         await saver.setup()
         graph = build_chatbot(chat, checkpointer=saver)
@@ -122,7 +137,7 @@ async def test_async_saver_concurrent_threads_then_a_sync_worker_match_alone(alo
             config = {"configurable": {"thread_id": thread}}
             for turn in (1, 2):
                 state = await graph.ainvoke({"messages": [user_turn(thread, turn)]}, config)
-            return state["memory"]
+            return chat.stored_memory(state["messages"])
 
         halfway = await asyncio.gather(*(two_turns(t) for t in threads))
     for thread, memory in zip(threads, halfway):
@@ -147,11 +162,11 @@ def test_a_read_only_database_gives_a_clear_error_and_keeps_the_last_checkpoint(
 
     thread = f"ro-{uuid.uuid4().hex[:8]}"
     forget_afterwards.append(thread)
-    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2, store=PostgresMemoryStore(URL))
     config = {"configurable": {"thread_id": thread}}
     with PostgresSaver.from_conn_string(URL) as saver:
         graph = build_chatbot(chat, checkpointer=saver)
-        run_turns(graph, thread, 1, 2)
+        run_turns(graph, thread, 1, 2, chat)
         before = graph.get_state(config)
     read_only = URL + ("&" if "?" in URL else "?") + "options=-c%20default_transaction_read_only%3Don"
     with PostgresSaver.from_conn_string(read_only) as saver:
@@ -162,33 +177,39 @@ def test_a_read_only_database_gives_a_clear_error_and_keeps_the_last_checkpoint(
     assert still.values == before.values and still.config == before.config
     with PostgresSaver.from_conn_string(URL) as saver:
         graph = build_chatbot(chat, checkpointer=saver)
-        assert run_turns(graph, thread, 3, 3) == alone(thread, 3)
+        assert run_turns(graph, thread, 3, 3, chat) == alone(thread, 3)
 
 
-def test_delete_thread_removes_every_row_of_the_thread(alone, forget_afterwards):
+def test_forget_thread_removes_every_row_and_state_of_the_thread(alone, forget_afterwards):
     import psycopg
     from langgraph.checkpoint.postgres import PostgresSaver
 
+    from deltamem_agents.agents.graph import forget_thread
+
     gone, kept = f"forget-{uuid.uuid4().hex[:8]}", f"keep-{uuid.uuid4().hex[:8]}"
     forget_afterwards.append(kept)
-    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    store = PostgresMemoryStore(URL)
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2, store=store)
     with PostgresSaver.from_conn_string(URL) as saver:
         graph = build_chatbot(chat, checkpointer=saver)
         for thread in (gone, kept):
-            run_turns(graph, thread, 1, 2)
-        saver.delete_thread(gone)
-    tables = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+            run_turns(graph, thread, 1, 3, chat)
+        secrets = [store.get(key) for key in store.keys_of(gone)]
+        assert len(secrets) == 2 and forget_thread(saver, chat, gone) == 2
+    tables = {"checkpoints": "thread_id", "checkpoint_blobs": "thread_id", "checkpoint_writes": "thread_id"}
+    tables["deltamem_state_refs"] = "owner"
     with psycopg.connect(URL) as connection:
         count = {
             (table, thread): connection.execute(
-                f"select count(*) from {table} where thread_id = %s", [thread]
+                f"select count(*) from {table} where {column} = %s", [thread]
             ).fetchone()[0]
-            for table in tables
+            for table, column in tables.items()
             for thread in (gone, kept)
         }
-        # the state bytes themselves are gone too: no blob of any thread holds the deleted memory
-        memory = alone(gone, 2)
-        blobs = connection.execute("select count(*) from checkpoint_blobs where position(%s in blob) > 0", [memory])
-        assert blobs.fetchone()[0] == 0
+        # the state bytes themselves are gone too: no blob and no stored state holds the deleted memory
+        for secret in secrets:
+            for table, column in (("checkpoint_blobs", "blob"), ("deltamem_states", "state")):
+                query = f"select count(*) from {table} where position(%s in {column}) > 0"
+                assert connection.execute(query, [secret]).fetchone()[0] == 0, table
     assert all(count[(table, gone)] == 0 for table in tables), count
-    assert count[("checkpoints", kept)] > 0 and count[("checkpoint_blobs", kept)] > 0
+    assert count[("checkpoints", kept)] > 0 and count[("deltamem_state_refs", kept)] == 2

@@ -3,7 +3,7 @@
 import threading
 import time
 
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, HumanMessage
 from tiny_chat import tiny_engine
 
 from deltamem_agents.agents.chat import THREAD_LOCKS, DeltaMemChat
@@ -54,5 +54,6 @@ def test_the_lock_is_released_when_the_block_raises():
 def test_many_standalone_threads_leave_no_locks_behind():
     chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=2)
     for i in range(30):
-        chat.invoke([HumanMessage(f"hi {i}")], {"configurable": {"thread_id": f"user-{i}"}})
-    assert len(chat.store.threads()) == 30 and len(THREAD_LOCKS) == 0
+        history = [HumanMessage(f"hi {i}"), AIMessage("hello"), HumanMessage("again")]
+        chat.invoke(history, {"configurable": {"thread_id": f"user-{i}"}})
+    assert len(chat.store.owners()) == 30 and len(THREAD_LOCKS) == 0

@@ -124,7 +124,7 @@ def test_chat_in_a_checkpointed_graph_and_the_trainer_write_the_same_calls_and_s
         recorder.close()
     assert len(chat_calls) == len(history) == 6
     assert chat_calls == trainer_calls  # same token ids, message (segment) ids and call boundaries
-    chat_state = MemoryState.from_bytes(state["memory"]).tensor  # (L, 1, H, r, r)
+    chat_state = MemoryState.from_bytes(chat.stored_memory(state["messages"])).tensor  # (L, 1, H, r, r)
     torch.testing.assert_close(torch.stack([s.detach() for s in states]), chat_state, rtol=1e-5, atol=1e-7)
 
 

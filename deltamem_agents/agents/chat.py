@@ -1,21 +1,23 @@
-"""DeltaMemChat: a LangChain chat model over a local backbone with δ-mem, keeping one memory per thread.
+"""DeltaMemChat: a LangChain chat model over a local backbone with δ-mem, whose memory follows the messages it is given.
 
-Each call is one turn of the protocol in ``deltamem_agents.agents.turn``: older messages not yet written go into the
-memory (write pass), and the reply is decoded from a bounded prompt (system + notes + window) reading the
-memory with writes off. Where the memory lives:
-  - in our LangGraph node (``deltamem_agents.agents.graph``): the checkpointed ``memory`` channel, passed in and out
-    through the ``deltamem_turn`` keyword (a TurnIO);
-  - standalone with ``config={"configurable": {"thread_id": ...}}``: the chat model's ``store``;
-  - standalone without a thread id: a fresh memory for this call only.
+Each call is one turn of the protocol in ``deltamem_agents.agents.turn``: the messages older than the newest user
+message (system messages aside) are the ones the memory must hold, and the reply is decoded from a bounded prompt
+(system + notes + window) reading that memory with writes off. The memory is a function of those messages, so
+it is looked up in the chat model's content-addressed ``store`` (``deltamem_agents.agents.store``) by a hash chain
+over them: the longest stored prefix is read, only the rest is written, and the new state is stored. Whatever
+holds the messages (any LangGraph checkpointer, a fork, an old checkpoint, a chat history, another process)
+gets exactly their memory; nothing about the memory travels in the call's keywords, the graph state, run
+metadata or cache keys. The run's ``thread_id`` (or ``session_id``) only records which thread used which states,
+for :meth:`DeltaMemChat.forget`.
 """
 
 import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import nullcontext
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar, copy_context
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -33,7 +35,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field
 
 from deltamem_agents.agents.call_options import resolve_call_options
-from deltamem_agents.agents.store import InMemoryStore, ThreadMemory
+from deltamem_agents.agents.store import InMemoryStore
 from deltamem_agents.agents.turn import WindowPolicy, plan_turn
 from deltamem_agents.core.errors import ConfigError, DeltaMemError
 from deltamem_agents.core.state import MemoryState
@@ -58,9 +60,7 @@ from deltamem_agents.serving.tool_grammar import (
 )
 
 log = logging.getLogger(__name__)
-TURN_KWARG = "deltamem_turn"
-THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread id)
-THREAD_KWARG = "deltamem_thread_id"
+THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread): a thread's turn and its forget do not interleave
 VALUES_KWARG = "deltamem_live_values"  # {tool: {argument: values}} from value_providers, resolved per call
 EMBEDDED_BACKBONE = "smollm2-135m-instruct"
 
@@ -69,22 +69,10 @@ class StructuredOutputError(DeltaMemError, ValueError):
     """``with_structured_output`` got no complete object (e.g. the reply hit the token limit)."""
 
 
-@dataclass
-class TurnIO:
-    """Memory in and out of one turn, for graph nodes: set ``memory`` / ``written`` before the call; after it,
-    ``new_memory`` / ``new_written`` hold what the node must store in its state."""
-
-    memory: bytes | None = None
-    written: tuple[str, ...] = ()
-    new_memory: bytes | None = None
-    new_written: tuple[str, ...] = ()
-    notes: list[str] = field(default_factory=list)
-    tokens_written: int = 0
-
-
-# The TurnIO of the model call running in this context, for callers that cannot pass keywords to the model
-# (the create_agent middleware); it stays out of the call's invocation params and cache keys.
-CURRENT_TURN: ContextVar[TurnIO | None] = ContextVar("deltamem_current_turn", default=None)
+_UNSET = object()
+# The thread (owner) of the model call running in this context, resolved from the run config by our entry
+# points; a context variable, so it stays out of the call's keywords, invocation params and cache keys.
+CALL_THREAD: ContextVar[Any] = ContextVar("deltamem_call_thread", default=_UNSET)
 
 
 @dataclass
@@ -148,6 +136,7 @@ class DeltaMemChat(BaseChatModel):
     seed: int | None = None
     stop: list[str] | None = None
     store: Any = Field(default_factory=InMemoryStore, exclude=True)
+    thread_keys: tuple[str, ...] = ("thread_id", "session_id")
     model_name: str = Field("deltamem", alias="model")
     tool_preselect: int | None = None
     tool_scoring: Literal["grammar", "likelihood"] = "grammar"
@@ -185,7 +174,12 @@ class DeltaMemChat(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "recall": self.recall, "window_messages": self.window_messages}
+        """What determines a reply besides the messages and call keywords: every setting, and the fingerprint of
+        the backbone and adapter weights. These are the invocation params and the LLM-cache key; nothing about
+        a thread is (its memory is a function of the messages, which the cache key holds)."""
+        params = self.model_dump(mode="json", exclude={"thread_keys"})
+        params["memory_fingerprint"] = self.engine.fingerprint()
+        return params
 
     def _get_ls_params(self, stop=None, **kwargs):
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -198,16 +192,54 @@ class DeltaMemChat(BaseChatModel):
     def window(self) -> WindowPolicy:
         return WindowPolicy(self.window_messages, self.window_tokens, self.recall, self.notes_tokens)
 
-    def forget(self, thread_id: str) -> None:
-        """Remove a standalone thread's memory (state bytes and written ids) from :attr:`store`; the next call
-        with this thread id starts from an empty memory. Inside a LangGraph graph the memory lives in the
-        checkpoints: use the checkpointer's ``delete_thread(thread_id)`` there."""
+    def forget(self, thread_id: str) -> int:
+        """Forget a thread: drop its references in :attr:`store` and every memory state that no other thread
+        used; returns how many states were removed. With a LangGraph checkpointer, call
+        ``deltamem_agents.forget_thread(checkpointer, chat, thread_id)``, which also deletes the checkpoints (the
+        messages); a later turn on messages that are still held elsewhere recomputes their memory."""
         with self._hold_thread(thread_id):  # not in the middle of a turn of the thread
-            self.store.delete(str(thread_id))
+            return self.store.forget(str(thread_id))
 
     def _hold_thread(self, thread_id):
-        """Hold the lock of one standalone thread of this chat model's store."""
+        """Hold the lock of one thread of this chat model's store."""
         return THREAD_LOCKS.hold((id(self.store), str(thread_id)))
+
+    def thread_of(self, config=None) -> str | None:
+        """The thread a run belongs to: the first of :attr:`thread_keys` in its ``configurable`` (the config
+        given, merged with the one LangGraph sets for the running node), as a string; None without one."""
+        configurable = ensure_config(config).get("configurable") or {}
+        for key in self.thread_keys:
+            if configurable.get(key) is not None:
+                return str(configurable[key])
+        return None
+
+    def memory_of(self, messages: list[BaseMessage]) -> MemoryState:
+        """The memory a turn on ``messages`` reads (the state of the messages before the newest user message),
+        from :attr:`store` or, where it holds no state for them, computed from the longest stored prefix (not
+        stored). For inspection and tests: a graph state's ``messages`` give the memory of that checkpoint."""
+        plan = plan_turn(messages, (), self.window, self.engine.count_tokens)
+        state, _, _, _ = self._memory(plan.to_write, store=False)
+        return state or self.engine.empty_state()
+
+    def stored_memory(self, messages: list[BaseMessage]) -> bytes | None:
+        """The stored state bytes of exactly the memory :meth:`memory_of` gives, or None if the store holds
+        none for those messages (empty memory: the bytes of the empty state)."""
+        to_write = plan_turn(messages, (), self.window, self.engine.count_tokens).to_write
+        keys = self.engine.state_keys(to_write)
+        return self.store.get(keys[-1]) if keys else self.engine.empty_state().to_bytes()
+
+    def _memory(self, to_write: list[dict], store: bool = True, thread: str | None = None):
+        """The state after ``to_write``: the longest stored prefix, the rest written; stored under its key for
+        ``thread`` (a call without a thread reads the store but adds nothing to it). Returns the state (None for
+        the empty memory), tokens written, how many messages were found stored, and how many there were."""
+        keys = self.engine.state_keys(to_write)
+        found, data = self.store.longest(keys)
+        fingerprint = self.engine.fingerprint()
+        state = MemoryState.from_bytes(data, fingerprint, self.engine.memory_layers) if data else None
+        state, tokens_written = self.engine.write(state, to_write[found:]) if found < len(keys) else (state, 0)
+        if store and thread is not None and keys:
+            self.store.put(keys[-1], state.to_bytes() if found < len(keys) else None, thread)
+        return state, tokens_written, found, len(keys)
 
     def get_num_tokens(self, text: str) -> int:
         """Token count from the backbone's real tokenizer."""
@@ -251,30 +283,15 @@ class DeltaMemChat(BaseChatModel):
 
     # ---- one turn -------------------------------------------------------------------------------------------
 
-    def _begin_turn(self, messages: list[BaseMessage], kwargs: dict) -> tuple[_Turn, Any]:
-        """Resolve the memory, run the write pass, persist it, and build the read-pass prompt and grammar."""
-        io: TurnIO | None = kwargs.get(TURN_KWARG) or CURRENT_TURN.get()
-        thread_id = None if io is not None else kwargs.get(THREAD_KWARG)
-        lock = self._hold_thread(thread_id) if thread_id is not None else nullcontext()
-        with lock:  # two concurrent turns of the same standalone thread must not both write its memory
-            if io is not None:
-                memory, written, step = io.memory, tuple(io.written), 0
-            elif thread_id is not None:
-                saved = self.store.load(str(thread_id)) or ThreadMemory(None)
-                memory, written, step = saved.state, saved.written, saved.step
-            else:
-                memory, written, step = None, (), 0
-            fingerprint = self.engine.fingerprint()
-            state = MemoryState.from_bytes(memory, fingerprint, self.engine.memory_layers) if memory else None
-            specs, allow_reply, extra = self._tools(kwargs, _newest_user_text(messages))
-            plan = plan_turn(messages, written, self.window, self.engine.count_tokens, extra_system=extra)
-            state, tokens_written = self.engine.write(state, plan.to_write)
-            data = state.to_bytes()
-            if io is not None:
-                io.new_memory, io.new_written = data, plan.written_ids
-                io.notes, io.tokens_written = plan.notes, tokens_written
-            elif thread_id is not None:
-                self.store.save(str(thread_id), ThreadMemory(data, plan.written_ids, step + 1), fingerprint)
+    def _begin_turn(self, messages: list[BaseMessage], kwargs: dict) -> _Turn:
+        """Find or compute the memory of the older messages, store it, and build the read prompt and grammar."""
+        thread = CALL_THREAD.get()
+        thread = self.thread_of() if thread is _UNSET else thread  # called past our entry points: the run config
+        specs, allow_reply, extra = self._tools(kwargs, _newest_user_text(messages))
+        plan = plan_turn(messages, (), self.window, self.engine.count_tokens, extra_system=extra)
+        lock = self._hold_thread(thread) if thread is not None else nullcontext()
+        with lock:  # a forget of the thread waits for its turn to be stored, and then removes it
+            state, tokens_written, _, _ = self._memory(plan.to_write, thread=thread)
         prompt_ids = self.engine.render_prompt(plan.prompt)
         grammar, choice = None, None
         if kwargs.get("tools"):
@@ -299,7 +316,7 @@ class DeltaMemChat(BaseChatModel):
         result = messages[-1].text if grammar is not None and isinstance(messages[-1], ToolMessage) else ""
         result_tokens = tuple(encode(result, add_special_tokens=False)["input_ids"]) if result else ()
         turn = _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens)
-        return dataclasses.replace(turn, request=request, span_arguments=spans, result_tokens=result_tokens), io
+        return dataclasses.replace(turn, request=request, span_arguments=spans, result_tokens=result_tokens)
 
     def _span_arguments(self, specs) -> list[str]:
         """The string arguments of ``specs`` that copy a span of the request (``span_arguments``)."""
@@ -358,8 +375,8 @@ class DeltaMemChat(BaseChatModel):
     def _events(self, messages: list[BaseMessage], stop, kwargs) -> Iterator[ChatGenerationChunk]:
         """The turn as chunks: text pieces as they decode (buffered under a tool grammar), then a final chunk
         with usage, finish reason and any tool call."""
-        kwargs = resolve_call_options(kwargs, self.model_name, (TURN_KWARG, THREAD_KWARG, VALUES_KWARG))
-        turn, _ = self._begin_turn(messages, kwargs)
+        kwargs = resolve_call_options(kwargs, self.model_name, (VALUES_KWARG,))
+        turn = self._begin_turn(messages, kwargs)
         settings = self._settings(stop, kwargs, turn)
         done: GenerationDone | None = None
         raw, shown = "", ""  # under a grammar: the envelope so far, and the reply text already streamed
@@ -408,12 +425,12 @@ class DeltaMemChat(BaseChatModel):
     # ---- LangChain entry points -----------------------------------------------------------------------------
 
     def _call_kwargs(self, config, kwargs: dict) -> dict:
-        """The thread id (standalone use) and the live values of grounded arguments, resolved once per call
-        from the run config (plain lists, so nothing but data travels with the call)."""
-        kwargs = _with_thread(config, kwargs)
+        """The live values of grounded arguments, resolved once per call from the run config (plain lists, so
+        nothing but data travels with the call)."""
         bound = {(t.get("function") or t).get("name") for t in kwargs.get("tools") or []}
         if self.value_providers and bound:
             run_config = ensure_config(config)
+            kwargs = {**kwargs}
             kwargs[VALUES_KWARG] = {
                 tool: {arg: list(provider(run_config)) for arg, provider in args.items()}
                 for tool, args in self.value_providers.items()
@@ -422,16 +439,28 @@ class DeltaMemChat(BaseChatModel):
         return kwargs
 
     def invoke(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002 - LangChain's signature
-        return super().invoke(input, config, stop=stop, **self._call_kwargs(config, kwargs))
+        with _calling_thread(self.thread_of(config)):
+            return super().invoke(input, config, stop=stop, **self._call_kwargs(config, kwargs))
 
     async def ainvoke(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        return await super().ainvoke(input, config, stop=stop, **self._call_kwargs(config, kwargs))
+        with _calling_thread(self.thread_of(config)):
+            return await super().ainvoke(input, config, stop=stop, **self._call_kwargs(config, kwargs))
 
     def stream(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        yield from super().stream(input, config, stop=stop, **self._call_kwargs(config, kwargs))
+        context = _context_with_thread(self.thread_of(config))
+        chunks = super().stream(input, config, stop=stop, **self._call_kwargs(config, kwargs))
+        end = object()
+        while (chunk := context.run(next, chunks, end)) is not end:  # each step of the stream in that context
+            yield chunk
 
     async def astream(self, input, config=None, *, stop=None, **kwargs):  # noqa: A002
-        async for chunk in super().astream(input, config, stop=stop, **self._call_kwargs(config, kwargs)):
+        context = _context_with_thread(self.thread_of(config))
+        chunks = aiter(super().astream(input, config, stop=stop, **self._call_kwargs(config, kwargs)))
+        while True:
+            try:
+                chunk = await asyncio.create_task(anext(chunks), context=context)
+            except StopAsyncIteration:
+                break
             yield chunk
 
     def _stream(
@@ -505,12 +534,21 @@ def _newest_user_text(messages: list[BaseMessage]) -> str:
     return users[-1].text if users else ""
 
 
-def _with_thread(config, kwargs: dict) -> dict:
-    """Pass the run's ``thread_id`` (standalone use) down to the turn as a keyword."""
-    thread_id = ensure_config(config).get("configurable", {}).get("thread_id")
-    if thread_id is not None and TURN_KWARG not in kwargs:
-        kwargs = {**kwargs, THREAD_KWARG: str(thread_id)}
-    return kwargs
+@contextmanager
+def _calling_thread(thread: str | None):
+    """Set :data:`CALL_THREAD` for the block."""
+    token = CALL_THREAD.set(thread)
+    try:
+        yield
+    finally:
+        CALL_THREAD.reset(token)
+
+
+def _context_with_thread(thread: str | None):
+    """A copy of the current context with :data:`CALL_THREAD` set (for streams, whose steps run in it)."""
+    context = copy_context()
+    context.run(CALL_THREAD.set, thread)
+    return context
 
 
 def _require_tool_call(message: AIMessage) -> AIMessage:

@@ -1,11 +1,14 @@
-"""LangGraph glue: a state schema with the memory channel, the node that updates it, and a tool-using agent.
+"""LangGraph glue: the node that runs a turn of the chat model, a tool-using agent, a chatbot, and forgetting.
 
-The memory is part of the graph state, so every checkpointer (InMemorySaver, SqliteSaver, AsyncSqliteSaver,
-Postgres) stores it with the messages: resume, time travel, forks and ``delete_thread`` restore or remove memory
-and messages together. Only our node writes the ``memory`` channel; a bare chat model returns just a message.
+The memory is not part of the graph state: ``DeltaMemChat`` finds it from the messages the state holds (a
+content-addressed store, ``deltamem_agents.agents.store``), so every checkpointer (InMemorySaver, SqliteSaver,
+Postgres, ...) and every graph whose state holds the messages (``MessagesState``, ``create_react_agent``,
+``create_agent``) gets the memory of exactly the messages of the checkpoint it runs from: resume in another
+process, time travel and forks need nothing more. To delete a thread, use :func:`forget_thread`, which deletes
+its checkpoints and its memory states.
 """
 
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableLambda
@@ -13,16 +16,27 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
 
-from deltamem_agents.agents.chat import TURN_KWARG, DeltaMemChat, TurnIO
+from deltamem_agents.agents.chat import DeltaMemChat
 
 
 class DeltaMemState(TypedDict, total=False):
-    """Graph state: messages (``add_messages``), the memory (safetensors bytes of a MemoryState; last value
-    wins) and the watermark (ids of the messages already written into it). Subclass it to add your own keys."""
+    """Graph state: the messages (``add_messages``), as ``MessagesState``; subclass it to add your own keys.
+    The memory lives in the chat model's store, keyed by these messages, not in the state."""
 
     messages: Annotated[list[AnyMessage], add_messages]
-    memory: bytes | None
-    written: list[str]
+
+
+def forget_thread(checkpointer, chat: DeltaMemChat, thread_id: str) -> int:
+    """Delete a thread everywhere: its checkpoints (``checkpointer.delete_thread``) and every memory state in
+    ``chat.store`` that only it used (``chat.forget``); returns how many states were removed."""
+    checkpointer.delete_thread(thread_id)
+    return chat.forget(thread_id)
+
+
+async def aforget_thread(checkpointer, chat: DeltaMemChat, thread_id: str) -> int:
+    """:func:`forget_thread` for async checkpointers (``adelete_thread``)."""
+    await checkpointer.adelete_thread(thread_id)
+    return chat.forget(thread_id)
 
 
 def memory_node(
@@ -32,9 +46,10 @@ def memory_node(
     system_prompt=None,
     first_tool_choice: str = "auto",
 ) -> RunnableLambda:
-    """A node (sync and async) that runs one turn of ``chat`` on the state's messages and memory and returns
-    the reply, the new memory and the new watermark. With ``tools``, tool calls are decoded under a grammar;
-    after ``max_tool_rounds`` consecutive tool rounds for one user message the model must answer in text.
+    """A node (sync and async) that runs one turn of ``chat`` on the state's messages (their memory comes from
+    ``chat.store``) and returns the reply; it works in any state schema with a ``messages`` channel. With
+    ``tools``, tool calls are decoded under a grammar; after ``max_tool_rounds`` consecutive tool rounds for one
+    user message the model must answer in text.
     ``system_prompt`` (a string, or a function of the run config returning one) is put in front of the
     messages when they hold no system message; it is not added to the state. ``first_tool_choice`` is the
     tool_choice of the first model call after a user message ("auto", or "any" for agents where every request
@@ -49,21 +64,16 @@ def memory_node(
             return text_only
         return first if rounds == 0 else with_tools
 
-    def update(io: TurnIO, reply: AIMessage) -> dict[str, Any]:
-        return {"messages": [reply], "memory": io.new_memory, "written": list(io.new_written)}
-
     def messages(state, config) -> list:
         text = system_prompt(config) if callable(system_prompt) else system_prompt
         present = any(isinstance(m, SystemMessage) for m in state["messages"])
         return state["messages"] if not text or present else [SystemMessage(text), *state["messages"]]
 
     def run(state, config):
-        io = TurnIO(memory=state.get("memory"), written=tuple(state.get("written") or ()))
-        return update(io, pick(state).invoke(messages(state, config), config, **{TURN_KWARG: io}))
+        return {"messages": [pick(state).invoke(messages(state, config), config)]}
 
     async def arun(state, config):
-        io = TurnIO(memory=state.get("memory"), written=tuple(state.get("written") or ()))
-        return update(io, await pick(state).ainvoke(messages(state, config), config, **{TURN_KWARG: io}))
+        return {"messages": [await pick(state).ainvoke(messages(state, config), config)]}
 
     return RunnableLambda(run, afunc=arun, name="deltamem_chat")
 

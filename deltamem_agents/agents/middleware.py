@@ -1,69 +1,37 @@
-"""δ-mem for ``langchain.agents.create_agent``: a middleware that keeps the thread's memory in the agent state.
+"""δ-mem for ``langchain.agents.create_agent``: a middleware that checks the agent's model is a ``DeltaMemChat``.
 
     from langchain.agents import create_agent
     agent = create_agent(chat, tools, middleware=[DeltaMemMiddleware()], checkpointer=saver)
 
-The middleware adds two channels to the agent's state, ``memory`` (the state bytes) and ``written`` (the ids of
-the messages already written), hands them to the ``DeltaMemChat`` for each model call and stores what the call
-returns, so the checkpointer saves memory and messages together (resume, time travel, forks, ``delete_thread``),
-as in ``build_agent``. Because the memory is a function of the written messages, the same conversation gives the
-same memory bytes in both.
+The memory needs no agent state: ``DeltaMemChat`` finds it from the messages of each model call (a
+content-addressed store keyed by them), so the agent's checkpoints (resume, time travel, forks) give the memory
+of exactly their messages, as in ``build_agent``. What the middleware adds is the loud failure: a model call that
+does not reach a ``DeltaMemChat`` (another model, or one that another middleware swapped in) raises instead of
+silently running without memory. Delete a thread with ``forget_thread(checkpointer, chat, thread_id)``.
 """
 
-from typing import Any, NotRequired
+from langchain.agents.middleware import AgentMiddleware
 
-from langchain.agents.middleware import AgentMiddleware, AgentState
-from langchain.agents.middleware.types import ExtendedModelResponse
-from langgraph.types import Command
-
-from deltamem_agents.agents.chat import CURRENT_TURN, DeltaMemChat, TurnIO
+from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.core.errors import DeltaMemError
 
 
-class DeltaMemAgentState(AgentState):
-    """The agent state plus the thread's memory bytes and the ids of the messages written into them."""
-
-    memory: NotRequired[bytes | None]
-    written: NotRequired[list[str]]
-
-
 class DeltaMemMiddleware(AgentMiddleware):
-    """Gives the agent's ``DeltaMemChat`` the thread's memory for each model call and saves the new memory in the
-    agent state (see the module docstring). The agent's model must be a ``DeltaMemChat``."""
+    """Refuses a model call whose model is not a ``DeltaMemChat`` (see the module docstring)."""
 
-    state_schema = DeltaMemAgentState
-
-    def _turn(self, request) -> TurnIO:
+    @staticmethod
+    def _check(request) -> None:
         model = getattr(request.model, "bound", request.model)
         if not isinstance(model, DeltaMemChat):
             raise DeltaMemError(
                 f"DeltaMemMiddleware needs a DeltaMemChat as the agent's model, got {type(model).__name__}; pass "
                 "create_agent(DeltaMemChat.from_backbone(), ...) or remove the middleware"
             )
-        state = request.state
-        return TurnIO(memory=state.get("memory"), written=tuple(state.get("written") or ()))
-
-    @staticmethod
-    def _result(io: TurnIO, response) -> ExtendedModelResponse:
-        if io.new_memory is None:
-            raise DeltaMemError("the model call did not run a δ-mem turn: was the model replaced by a middleware?")
-        update: dict[str, Any] = {"memory": io.new_memory, "written": list(io.new_written)}
-        return ExtendedModelResponse(model_response=response, command=Command(update=update))
 
     def wrap_model_call(self, request, handler):
-        io = self._turn(request)
-        token = CURRENT_TURN.set(io)
-        try:
-            response = handler(request)
-        finally:
-            CURRENT_TURN.reset(token)
-        return self._result(io, response)
+        self._check(request)
+        return handler(request)
 
     async def awrap_model_call(self, request, handler):
-        io = self._turn(request)
-        token = CURRENT_TURN.set(io)
-        try:
-            response = await handler(request)
-        finally:
-            CURRENT_TURN.reset(token)
-        return self._result(io, response)
+        self._check(request)
+        return await handler(request)

@@ -1,4 +1,4 @@
-"""``deltamem chat``: a terminal chat whose memory and messages persist per thread in a SQLite checkpoint."""
+"""``deltamem chat``: a terminal chat whose messages (checkpoints) and memory states persist in one SQLite file."""
 
 import sys
 from pathlib import Path
@@ -8,26 +8,28 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.agents.graph import build_chatbot
+from deltamem_agents.agents.store import SqliteMemoryStore
 from deltamem_agents.models import DEFAULT_BACKBONE
 from deltamem_agents.models.backbone_zoo import deltamem_home
 
 
 def run_terminal_chat(thread: str, db: str | None, backbone: str, adapter: str | None, max_new_tokens: int) -> int:
-    """A terminal chat on a one-node graph whose checkpoints (messages and memory) live in ``db``."""
+    """A terminal chat on a one-node graph whose checkpoints (messages) and memory states live in ``db``."""
     path = Path(db) if db else deltamem_home() / "chat.db"
     path.parent.mkdir(parents=True, exist_ok=True)
-    chat = DeltaMemChat.from_backbone(backbone, adapter=adapter, max_new_tokens=max_new_tokens)
+    store = SqliteMemoryStore(path)  # its own tables beside the checkpointer's
+    chat = DeltaMemChat.from_backbone(backbone, adapter=adapter, max_new_tokens=max_new_tokens, store=store)
     config = {"configurable": {"thread_id": thread}}
     with SqliteSaver.from_conn_string(str(path)) as saver:
         graph = build_chatbot(chat, checkpointer=saver)
         earlier = graph.get_state(config).values.get("messages", [])
-        chat_loop(graph, config, f"thread {thread!r} in {path} ({len(earlier)} earlier messages).")
+        chat_loop(graph, config, f"thread {thread!r} in {path} ({len(earlier)} earlier messages).", chat)
     return 0
 
 
 def chat_loop(graph, config: dict, banner: str) -> None:
     """Read lines from stdin and stream the graph's replies (and tool calls) until an empty line or end of
-    input; after each turn, show the size of the thread's memory."""
+    input; after each turn, show how many messages the thread's memory holds."""
     print(f"{banner} Empty line or Ctrl-D to quit.")
     while True:
         try:
@@ -42,9 +44,10 @@ def chat_loop(graph, config: dict, banner: str) -> None:
                 print(message.content, end="", flush=True)
             for call in getattr(message, "tool_calls", None) or []:
                 print(f"[tool call: {call['name']} {call['args']}]", end="", flush=True)
-        state = graph.get_state(config).values
-        size, written = len(state.get("memory") or b""), len(state.get("written", []))
-        print(f"\n     [memory {size:,} B, {written} messages in it]")
+        messages = graph.get_state(config).values.get("messages", [])
+        users = [i for i, m in enumerate(messages) if m.type == "human"]
+        held = sum(1 for m in messages[: users[-1] if users else 0] if m.type != "system")  # before the newest user
+        print(f"\n     [memory: {held} messages]")
 
 
 if __name__ == "__main__":

@@ -207,9 +207,11 @@ async def _serve(conn: JsonChannel, spec: dict, chat, load_s: float) -> None:
     from langchain_core.messages import HumanMessage
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
-    from deltamem_agents.agents.graph import build_chatbot
+    from deltamem_agents.agents.graph import aforget_thread, build_chatbot
+    from deltamem_agents.agents.store import PostgresMemoryStore
 
     async with AsyncPostgresSaver.from_conn_string(spec["url"]) as saver:
+        chat.store = PostgresMemoryStore(spec["url"])  # memory states beside the checkpoints, as in a deployment
         graph = build_chatbot(chat, checkpointer=saver)
         await chat.ainvoke([HumanMessage("warm up")])  # first-call costs off the clock; no thread, no checkpoint
         conn.send({"ready": True, "load_s": load_s})
@@ -224,7 +226,7 @@ async def _serve(conn: JsonChannel, spec: dict, chat, load_s: float) -> None:
         if spec["cleanup"]:
             try:
                 for thread in spec["threads"]:
-                    await saver.adelete_thread(thread)
+                    await aforget_thread(saver, chat, thread)  # checkpoints and memory states
                     deleted += 1
             except Exception as err:
                 cleanup_error = f"{type(err).__name__}: {_one_line(err)}"

@@ -17,6 +17,7 @@ from deltamem_agents.core.config import IDENTITY_CONFIG, DeltaMemConfig
 from deltamem_agents.core.errors import MessageError
 from deltamem_agents.core.state import MemoryState
 from deltamem_agents.serving import write_schedule
+from deltamem_agents.serving.state_keys import MessageDigests, chain, root_key
 from deltamem_agents.serving.templating import render_prompt_ids
 
 
@@ -72,6 +73,7 @@ class MemoryEngine:
         self.max_context = max_context or positions
         self.write_piece_tokens = min(write_schedule.DEFAULT_PIECE_TOKENS, self.max_context)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._digests = MessageDigests(tokenizer)
 
     @property
     def config(self) -> DeltaMemConfig:
@@ -106,6 +108,13 @@ class MemoryEngine:
         message, see ``deltamem_agents.serving.write_schedule``); returns the new state and tokens written."""
         with self.lock:
             return write_schedule.write_messages(self.model, self.tokenizer, messages, state, self.write_piece_tokens)
+
+    def state_keys(self, messages: list[dict]) -> list[str]:
+        """The content keys of the states after each non-system message of ``messages`` (chat dicts, in order)
+        as :meth:`write` writes them: ``keys[i]`` names the state after the first i + 1 of them
+        (``serving.state_keys``)."""
+        digests = [self._digests(m) for m in messages if m["role"] != "system"]
+        return chain(root_key(self.fingerprint(), self.write_piece_tokens), digests)
 
     def stream(
         self,
