@@ -269,3 +269,20 @@ def test_tool_preselection_keeps_the_best_matching_tools():
     assert [s.name for s in preselect(specs, "please close ticket 4, it works", 1)] == ["close_ticket"]
     assert [s.name for s in preselect(specs, "show my open tickets", 2)][0] in ("list_my_tickets", "lookup_ticket")
     assert len(preselect(specs, "hello", 1)) == 3  # no word in common: every tool stays
+
+
+async def test_every_entry_point_finds_the_thread_from_its_config(chat):
+    history = [HumanMessage("alpha alpha"), AIMessage("ok"), HumanMessage("and?")]
+
+    def config(thread):
+        return {"configurable": {"thread_id": thread}}
+
+    chat.invoke(history, config("invoke"))
+    list(chat.stream(history, config("stream")))
+    chat.batch([history], config("batch"))
+    chat.bind_tools([lookup_ticket]).invoke(history, config("bound"))
+    await chat.ainvoke(history, config("ainvoke"))
+    [chunk async for chunk in chat.astream(history, config("astream"))]
+    await chat.abatch([history], config("abatch"))
+    assert chat.store.owners() == sorted(["invoke", "stream", "batch", "bound", "ainvoke", "astream", "abatch"])
+    assert len(chat.store) == 1  # one conversation, one state, seven threads using it

@@ -67,13 +67,9 @@ def forget_afterwards():
 @pytest.fixture(scope="module")
 def alone():
     """Memory after running turns 1..n of a thread alone, in this process, on a fresh in-memory checkpointer and
-    store (so it computes every state itself)."""
-
-    def memory(thread: str, turns: int) -> bytes:
-        chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
-        return run_turns(build_chatbot(chat, checkpointer=InMemorySaver()), thread, 1, turns, chat)
-
-    return memory
+    a store of its own (so every state it reads, it computed itself)."""
+    chat = DeltaMemChat(engine=tiny_engine(), max_new_tokens=6, window_messages=2)
+    return lambda thread, turns: run_turns(build_chatbot(chat, checkpointer=InMemorySaver()), thread, 1, turns, chat)
 
 
 @pytest.mark.parametrize("setup", ["build_chatbot", "create_agent"])

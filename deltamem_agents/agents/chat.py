@@ -177,7 +177,8 @@ class DeltaMemChat(BaseChatModel):
         """What determines a reply besides the messages and call keywords: every setting, and the fingerprint of
         the backbone and adapter weights. These are the invocation params and the LLM-cache key; nothing about
         a thread is (its memory is a function of the messages, which the cache key holds)."""
-        params = self.model_dump(mode="json", exclude={"thread_keys"})
+        own = set(type(self).model_fields) - set(BaseChatModel.model_fields) - {"thread_keys"}
+        params = self.model_dump(mode="json", include=own)  # engine, store, value_providers are excluded fields
         params["memory_fingerprint"] = self.engine.fingerprint()
         return params
 
@@ -218,7 +219,7 @@ class DeltaMemChat(BaseChatModel):
         from :attr:`store` or, where it holds no state for them, computed from the longest stored prefix (not
         stored). For inspection and tests: a graph state's ``messages`` give the memory of that checkpoint."""
         plan = plan_turn(messages, (), self.window, self.engine.count_tokens)
-        state, _, _, _ = self._memory(plan.to_write, store=False)
+        state, _ = self._memory(plan.to_write, store=False)
         return state or self.engine.empty_state()
 
     def stored_memory(self, messages: list[BaseMessage]) -> bytes | None:
@@ -231,7 +232,7 @@ class DeltaMemChat(BaseChatModel):
     def _memory(self, to_write: list[dict], store: bool = True, thread: str | None = None):
         """The state after ``to_write``: the longest stored prefix, the rest written; stored under its key for
         ``thread`` (a call without a thread reads the store but adds nothing to it). Returns the state (None for
-        the empty memory), tokens written, how many messages were found stored, and how many there were."""
+        the empty memory) and the tokens written."""
         keys = self.engine.state_keys(to_write)
         found, data = self.store.longest(keys)
         fingerprint = self.engine.fingerprint()
@@ -239,7 +240,7 @@ class DeltaMemChat(BaseChatModel):
         state, tokens_written = self.engine.write(state, to_write[found:]) if found < len(keys) else (state, 0)
         if store and thread is not None and keys:
             self.store.put(keys[-1], state.to_bytes() if found < len(keys) else None, thread)
-        return state, tokens_written, found, len(keys)
+        return state, tokens_written
 
     def get_num_tokens(self, text: str) -> int:
         """Token count from the backbone's real tokenizer."""
@@ -291,7 +292,7 @@ class DeltaMemChat(BaseChatModel):
         plan = plan_turn(messages, (), self.window, self.engine.count_tokens, extra_system=extra)
         lock = self._hold_thread(thread) if thread is not None else nullcontext()
         with lock:  # a forget of the thread waits for its turn to be stored, and then removes it
-            state, tokens_written, _, _ = self._memory(plan.to_write, thread=thread)
+            state, tokens_written = self._memory(plan.to_write, thread=thread)
         prompt_ids = self.engine.render_prompt(plan.prompt)
         grammar, choice = None, None
         if kwargs.get("tools"):

@@ -8,7 +8,16 @@ from deltamem_agents.core.errors import MessageError
 from deltamem_agents.serving.tool_grammar import render_tool_call
 from deltamem_agents.serving.turn_plan import RECALL_MODES, TurnPlan, WindowPolicy, plan_chat_turn
 
-__all__ = ["RECALL_MODES", "MessageError", "TurnPlan", "WindowPolicy", "message_id", "plan_turn", "to_chat_dict"]
+__all__ = [
+    "RECALL_MODES",
+    "MessageError",
+    "TurnPlan",
+    "WindowPolicy",
+    "message_id",
+    "messages_in_memory",
+    "plan_turn",
+    "to_chat_dict",
+]
 
 
 def message_id(message: BaseMessage, position: int, messages: list[BaseMessage]) -> str:
@@ -38,6 +47,13 @@ def to_chat_dict(message: BaseMessage) -> dict:
         f"unsupported message type {type(message).__name__} (role {getattr(message, 'type', '?')!r}); use "
         "SystemMessage, HumanMessage, AIMessage or ToolMessage"
     )
+
+
+def messages_in_memory(messages: list[BaseMessage]) -> int:
+    """How many messages the memory of a turn on ``messages`` holds: the non-system ones before the newest user
+    message (what the turn's write pass has written)."""
+    users = [i for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
+    return sum(1 for m in messages[: users[-1] if users else 0] if not isinstance(m, SystemMessage))
 
 
 def plan_turn(

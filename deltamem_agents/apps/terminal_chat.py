@@ -9,6 +9,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.agents.graph import build_chatbot
 from deltamem_agents.agents.store import SqliteMemoryStore
+from deltamem_agents.agents.turn import messages_in_memory
 from deltamem_agents.models import DEFAULT_BACKBONE
 from deltamem_agents.models.backbone_zoo import deltamem_home
 
@@ -45,9 +46,7 @@ def chat_loop(graph, config: dict, banner: str) -> None:
             for call in getattr(message, "tool_calls", None) or []:
                 print(f"[tool call: {call['name']} {call['args']}]", end="", flush=True)
         messages = graph.get_state(config).values.get("messages", [])
-        users = [i for i, m in enumerate(messages) if m.type == "human"]
-        held = sum(1 for m in messages[: users[-1] if users else 0] if m.type != "system")  # before the newest user
-        print(f"\n     [memory: {held} messages]")
+        print(f"\n     [memory: {messages_in_memory(messages)} messages]")
 
 
 if __name__ == "__main__":

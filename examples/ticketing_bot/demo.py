@@ -49,13 +49,16 @@ def run_session(index: int, data: Path, user: str) -> None:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     from deltamem_agents.agents.chat import DeltaMemChat
+    from deltamem_agents.agents.store import SqliteMemoryStore
+    from deltamem_agents.agents.turn import messages_in_memory
     from examples.ticketing_bot.bot import build_bot
     from examples.ticketing_bot.tickets import TicketDB
     from examples.ticketing_bot.tool_choice import max_ngram_count
 
     day, turns = SESSIONS[index]
     started = time.perf_counter()
-    chat = DeltaMemChat.from_backbone(window_messages=4)
+    store = SqliteMemoryStore(data / "checkpoints.db")  # memory states beside the checkpoints, kept across sessions
+    chat = DeltaMemChat.from_backbone(window_messages=4, store=store)
     db = TicketDB(data / "tickets.db")
     print(f"\n=== session {index + 1} · {day} · new process, model loaded in {time.perf_counter() - started:.1f}s ===")
     record = []
@@ -80,8 +83,9 @@ def run_session(index: int, data: Path, user: str) -> None:
             print(f"  agent: {replies[-1].content}")
             print(
                 f"  [prompt {prompt} tokens over {len(replies)} model calls · {latency:.1f}s · "
-                f"memory {len(state['memory'] or b''):,} B · {len(state['messages'])} messages in thread · "
-                f"{len(state['written'])} written to memory]"
+                f"memory {len(chat.stored_memory(state['messages']) or b''):,} B · "
+                f"{len(state['messages'])} messages in thread · "
+                f"{messages_in_memory(state['messages'])} written to memory]"
             )
             record.append(
                 {
@@ -115,11 +119,13 @@ def interactive(data: Path, user: str) -> None:
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     from deltamem_agents.agents.chat import DeltaMemChat
+    from deltamem_agents.agents.store import SqliteMemoryStore
     from deltamem_agents.apps.terminal_chat import chat_loop
     from examples.ticketing_bot.bot import build_bot
     from examples.ticketing_bot.tickets import TicketDB
 
-    chat = DeltaMemChat.from_backbone(max_new_tokens=120)
+    store = SqliteMemoryStore(data / "checkpoints.db")  # memory states beside the checkpoints
+    chat = DeltaMemChat.from_backbone(max_new_tokens=120, store=store)
     config = {"configurable": {"thread_id": f"support-{user}", "user_id": user}}
     with SqliteSaver.from_conn_string(str(data / "checkpoints.db")) as saver:
         chat_loop(build_bot(chat, TicketDB(data / "tickets.db"), saver), config, f"Support bot for {user}.")
