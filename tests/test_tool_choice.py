@@ -204,3 +204,25 @@ def test_the_chosen_action_is_decoded_with_its_own_instructions_only(engine, mon
     scored, decoded = rendered[0][0]["content"], rendered[-1][0]["content"]
     assert chosen in scored and other in scored  # the turn's prompt lists every tool
     assert f"- {chosen}(" in decoded and other not in decoded  # the decoded envelope sees the chosen one only
+
+
+def test_copy_tokens_cover_each_word_without_its_leading_space():
+    from deltamem_agents.agents.chat import _copy_tokens
+
+    vocab: dict[str, int] = {}
+
+    def word_level(text, add_special_tokens=False):  # " progress" and "progress" are different tokens
+        pieces = [("" if i == 0 else " ") + w for i, w in enumerate(text.split(" "))]
+        return {"input_ids": [vocab.setdefault(p, len(vocab)) for p in pieces]}
+
+    ids = _copy_tokens(word_level, "set it to in progress.")
+    assert vocab["progress"] in ids and vocab["in"] in ids and vocab[" progress."] in ids  # bare and as written
+    assert len(ids) == len(set(ids))
+
+
+def test_a_span_value_ends_at_the_end_of_a_word(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=120, span_arguments={"create_ticket": ["title"]})
+    bound = chat.bind_tools([create_ticket], tool_choice="any")
+    with Script(engine, '{"action": "create_ticket", "arguments": {"title": "10:"}}'):
+        reply = bound.invoke([HumanMessage("call me at 10:30 please")])
+    assert reply.tool_calls[0]["args"] == {"title": "10:30"}  # not "10:": the value runs on to the word's end

@@ -249,7 +249,7 @@ class DeltaMemChat(BaseChatModel):
             decode_specs = []
         request = _newest_user_text(messages)
         encode = self.engine.tokenizer
-        copy_tokens = tuple(encode(request, add_special_tokens=False)["input_ids"]) if grammar else ()
+        copy_tokens = _copy_tokens(encode, request) if grammar else ()
         spans = frozenset(self._span_arguments(decode_specs)) if grammar else frozenset()
         result = messages[-1].text if grammar is not None and isinstance(messages[-1], ToolMessage) else ""
         result_tokens = tuple(encode(result, add_special_tokens=False)["input_ids"]) if result else ()
@@ -287,6 +287,8 @@ class DeltaMemChat(BaseChatModel):
         under_grammar = turn is not None and turn.grammar is not None
         copy_tokens = turn.copy_tokens if turn is not None else ()
         controls = []
+        if under_grammar and turn.span_arguments and turn.request:  # a hard constraint: before the soft ones
+            controls.append(SpanCopy(turn.request, turn.span_arguments, self.engine.tokenizer))
         if self.repetition is not None and not under_grammar:
             controls.append(self.repetition)
         elif self.repetition is not None:
@@ -297,8 +299,6 @@ class DeltaMemChat(BaseChatModel):
             )
         if under_grammar and self.copy_bias and copy_tokens:
             controls.append(CopyBias(frozenset(copy_tokens), self.copy_bias, after=ARGUMENTS_HEAD))
-        if under_grammar and turn.span_arguments and turn.request:
-            controls.append(SpanCopy(turn.request, turn.span_arguments, self.engine.tokenizer))
         if under_grammar and self.result_copy_bias and turn.result_tokens:
             controls.append(CopyBias(frozenset(turn.result_tokens), self.result_copy_bias, after=REPLY_HEAD))
         return GenerationSettings(
@@ -443,6 +443,15 @@ def _without(prompt: list[dict], extra: str) -> list[dict]:
         return prompt
     system = prompt[0]["content"].removesuffix(extra).rstrip()
     return ([{"role": "system", "content": system}] if system else []) + prompt[1:]
+
+
+def _copy_tokens(tokenizer, text: str) -> tuple[int, ...]:
+    """The tokens of ``text`` as it stands and of each of its words alone: inside a JSON string a value starts
+    right after the quote, without the space that precedes the word in the text (" progress" vs "progress")."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for word in text.split():
+        ids += tokenizer(word.strip(".,!?;:"), add_special_tokens=False)["input_ids"]
+    return tuple(dict.fromkeys(ids))
 
 
 def _with_system_text(prompt: list[dict], text: str) -> list[dict]:

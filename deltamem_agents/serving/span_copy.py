@@ -5,7 +5,8 @@ update"; a soft copy bias pushes it to repeat one word of the request. When a to
 copies the request (``DeltaMemChat.span_arguments``), decoding that string admits only tokens that continue a span
 of the source, starting at a word and ending at a word boundary (case-insensitive, so "Laptop" may start a span
 at "laptop"). The model still chooses where the span starts, how it continues and where it stops; the grammar
-still decides what is valid JSON.
+still decides what is valid JSON. Run it before softer controls (the repetition rules never mask the last token
+that is allowed, so a span is never broken by them).
 
 A logit control like those in ``serving.repetition``: ``start()`` returns the per-generation state, with
 ``adjust(logits)`` after the grammar mask and ``observe(token, produced, text)``.
@@ -60,8 +61,8 @@ class _SpanState:
         value = self.text[self.value_start :]
         ends = self._ends(value)
         allowed = [i for i, piece in self.pieces if any(self.source.startswith(piece, e) for e in ends)]
-        if value and any(_word_end(self.source, e) for e in ends):
-            allowed += self.closers
+        if value[-1:].isalnum() and any(_word_end(self.source, e) for e in ends):
+            allowed += self.closers  # a value ends at the end of a word
         if not allowed:
             return  # nothing continues a span (e.g. an escape was needed): leave it to the grammar
         keep = torch.full_like(logits, float("-inf"))
