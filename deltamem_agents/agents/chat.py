@@ -118,7 +118,9 @@ class DeltaMemChat(BaseChatModel):
         (2.0 by default for the embedded backbone), so stated numbers and names are copied.
       - ``span_arguments``: ``{tool name: [string argument, ...]}`` whose values must be a span of the newest
         user message (word-aligned, case-insensitive; ``serving.span_copy``), or ``"strings"`` for every free
-        string argument (no enum) of every bound tool. The model still picks the span.
+        string argument (no enum) of every bound tool (the embedded backbone's default; ``{}`` turns it off: a
+        value that is not in the request, such as a date for "tomorrow", cannot be written then). The model still
+        picks the span.
       - ``result_copy_bias``: after a tool result, added to the logits of the result's tokens while the reply
         text is decoded, so the reply restates what the tool said (the model still writes it).
     """
@@ -161,7 +163,8 @@ class DeltaMemChat(BaseChatModel):
             kwargs.setdefault("tool_scoring", "likelihood")
             kwargs.setdefault("copy_bias", 2.0)
             kwargs.setdefault("reply_bias", 1.5)  # tuned on the tune half of the request set (docs/tool-choice.md)
-            kwargs.setdefault("result_copy_bias", 2.0)
+            kwargs.setdefault("result_copy_bias", 2.0)  # set by hand (no tool-result items in the request set)
+            kwargs.setdefault("span_arguments", "strings")  # tune half: 22/31 -> 27/31 stated values exact
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
