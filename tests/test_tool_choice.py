@@ -226,3 +226,18 @@ def test_a_span_value_ends_at_the_end_of_a_word(engine):
     with Script(engine, '{"action": "create_ticket", "arguments": {"title": "10:"}}'):
         reply = bound.invoke([HumanMessage("call me at 10:30 please")])
     assert reply.tool_calls[0]["args"] == {"title": "10:30"}  # not "10:": the value runs on to the word's end
+
+
+def test_combine_counts_a_value_only_where_the_any_choice_was_right():
+    from examples.ticketing_bot.tool_choice import combine
+
+    choice = [
+        {"set": "s", "mode": "any", "request": "a", "expected": "t", "chosen": "t"},
+        {"set": "s", "mode": "any", "request": "b", "expected": "t", "chosen": "u"},
+        {"set": "s", "mode": "auto", "request": "b", "expected": "t", "chosen": "t"},  # auto rows do not count
+    ]
+    named = [
+        {"set": "s", "request": "a", "copied": {"x": True, "y": False}},
+        {"set": "s", "request": "b", "copied": {"x": True}},
+    ]
+    assert combine(choice, named) == {"s": (1, 3), "all": (1, 3)}
