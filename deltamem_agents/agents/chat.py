@@ -251,11 +251,11 @@ class DeltaMemChat(BaseChatModel):
         else:
             decode_specs = []
         request = _newest_user_text(messages)
-        encode = self.engine.tokenizer
-        copy_tokens = _copy_tokens(encode, request) if grammar else ()
+        tokenizer = self.engine.tokenizer
+        copy_tokens = _copy_tokens(tokenizer, request) if grammar else ()
         spans = frozenset(self._span_arguments(decode_specs)) if grammar else frozenset()
         result = messages[-1].text if grammar is not None and isinstance(messages[-1], ToolMessage) else ""
-        result_tokens = tuple(encode(result, add_special_tokens=False)["input_ids"]) if result else ()
+        result_tokens = tuple(tokenizer(result, add_special_tokens=False)["input_ids"]) if result else ()
         turn = _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens)
         return dataclasses.replace(turn, request=request, span_arguments=spans, result_tokens=result_tokens), io
 
