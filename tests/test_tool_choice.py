@@ -241,3 +241,33 @@ def test_combine_counts_a_value_only_where_the_any_choice_was_right():
         {"set": "s", "request": "b", "copied": {"x": True}},
     ]
     assert combine(choice, named) == {"s": (1, 3), "all": (1, 3)}
+
+
+def test_a_span_value_opens_with_the_bare_quote():
+    from deltamem_agents.serving.span_copy import SpanCopy
+
+    class MergedTokens:  # like SmolLM2's: ' ",' opens a string and writes a comma at once
+        vocab = ['{"', "day", '":', ' "', ' ",', "Wed", "nesday", '"', ", 11"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids)
+
+    tokenizer = MergedTokens()
+    state = SpanCopy("Could it be moved to Wednesday at 11:15?", frozenset({"day"}), tokenizer).start()
+    produced = []
+    for token in (0, 1, 2):  # {"day":
+        produced.append(token)
+        state.observe(token, produced, tokenizer.decode(produced))
+    logits = torch.zeros(len(tokenizer))
+    logits[4] = 5.0  # the model prefers ' ",'
+    state.adjust(logits)
+    assert int(logits.argmax()) == 3 and logits[4] == float("-inf")  # only the bare ' "' may open the value
+    produced.append(3)
+    state.observe(3, produced, tokenizer.decode(produced))
+    logits = torch.zeros(len(tokenizer))
+    logits[8] = 5.0  # ", 11" is no span start
+    state.adjust(logits)
+    assert int(logits.argmax()) == 5 and torch.isfinite(logits).sum() == 1  # "Wed" starts "Wednesday"
