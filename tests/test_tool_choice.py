@@ -204,3 +204,70 @@ def test_the_chosen_action_is_decoded_with_its_own_instructions_only(engine, mon
     scored, decoded = rendered[0][0]["content"], rendered[-1][0]["content"]
     assert chosen in scored and other in scored  # the turn's prompt lists every tool
     assert f"- {chosen}(" in decoded and other not in decoded  # the decoded envelope sees the chosen one only
+
+
+def test_copy_tokens_cover_each_word_without_its_leading_space():
+    from deltamem_agents.agents.chat import _copy_tokens
+
+    vocab: dict[str, int] = {}
+
+    def word_level(text, add_special_tokens=False):  # " progress" and "progress" are different tokens
+        pieces = [("" if i == 0 else " ") + w for i, w in enumerate(text.split(" "))]
+        return {"input_ids": [vocab.setdefault(p, len(vocab)) for p in pieces]}
+
+    ids = _copy_tokens(word_level, "set it to in progress.")
+    assert vocab["progress"] in ids and vocab["in"] in ids and vocab[" progress."] in ids  # bare and as written
+    assert len(ids) == len(set(ids))
+
+
+def test_a_span_value_ends_at_the_end_of_a_word(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=120, span_arguments={"create_ticket": ["title"]})
+    bound = chat.bind_tools([create_ticket], tool_choice="any")
+    with Script(engine, '{"action": "create_ticket", "arguments": {"title": "10:"}}'):
+        reply = bound.invoke([HumanMessage("call me at 10:30 please")])
+    assert reply.tool_calls[0]["args"] == {"title": "10:30"}  # not "10:": the value runs on to the word's end
+
+
+def test_combine_counts_a_value_only_where_the_any_choice_was_right():
+    from examples.ticketing_bot.tool_choice import combine
+
+    choice = [
+        {"set": "s", "mode": "any", "request": "a", "expected": "t", "chosen": "t"},
+        {"set": "s", "mode": "any", "request": "b", "expected": "t", "chosen": "u"},
+        {"set": "s", "mode": "auto", "request": "b", "expected": "t", "chosen": "t"},  # auto rows do not count
+    ]
+    named = [
+        {"set": "s", "request": "a", "copied": {"x": True, "y": False}},
+        {"set": "s", "request": "b", "copied": {"x": True}},
+    ]
+    assert combine(choice, named) == {"s": (1, 3), "all": (1, 3)}
+
+
+def test_a_span_value_opens_with_the_bare_quote():
+    from deltamem_agents.serving.span_copy import SpanCopy
+
+    class MergedTokens:  # like SmolLM2's: ' ",' opens a string and writes a comma at once
+        vocab = ['{"', "day", '":', ' "', ' ",', "Wed", "nesday", '"', ", 11"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids)
+
+    tokenizer = MergedTokens()
+    state = SpanCopy("Could it be moved to Wednesday at 11:15?", frozenset({"day"}), tokenizer).start()
+    produced = []
+    for token in (0, 1, 2):  # {"day":
+        produced.append(token)
+        state.observe(token, produced, tokenizer.decode(produced))
+    logits = torch.zeros(len(tokenizer))
+    logits[4] = 5.0  # the model prefers ' ",'
+    state.adjust(logits)
+    assert int(logits.argmax()) == 3 and logits[4] == float("-inf")  # only the bare ' "' may open the value
+    produced.append(3)
+    state.observe(3, produced, tokenizer.decode(produced))
+    logits = torch.zeros(len(tokenizer))
+    logits[8] = 5.0  # ", 11" is no span start
+    state.adjust(logits)
+    assert int(logits.argmax()) == 5 and torch.isfinite(logits).sum() == 1  # "Wed" starts "Wednesday"

@@ -5,7 +5,8 @@ update"; a soft copy bias pushes it to repeat one word of the request. When a to
 copies the request (``DeltaMemChat.span_arguments``), decoding that string admits only tokens that continue a span
 of the source, starting at a word and ending at a word boundary (case-insensitive, so "Laptop" may start a span
 at "laptop"). The model still chooses where the span starts, how it continues and where it stops; the grammar
-still decides what is valid JSON.
+still decides what is valid JSON. Run it before softer controls (the repetition rules never mask the last token
+that is allowed, so a span is never broken by them).
 
 A logit control like those in ``serving.repetition``: ``start()`` returns the per-generation state, with
 ``adjust(logits)`` after the grammar mask and ``observe(token, produced, text)``.
@@ -41,9 +42,12 @@ class _SpanState:
         self.settings = settings
         self.source = settings.source.lower()
         self.heads = tuple(f'"{name}": "' for name in settings.arguments)
+        self.keys = tuple(f'"{name}":' for name in settings.arguments)
         texts = token_texts(settings.tokenizer)
         self.pieces = _pieces(texts, self.source)  # [(token id, lower-case text)] of tokens inside the source
         self.closers = [i for i, t in enumerate(texts) if t.startswith('"')]
+        # the token that opens the value must be the bare quote: a merged one (' ",') would write past the head
+        self.openers = [i for i, t in enumerate(texts) if t.strip() == '"']
         self.value_start: int | None = None  # index in the decoded text where the current value begins
         self.text = ""  # the decoded text so far
 
@@ -56,19 +60,17 @@ class _SpanState:
 
     def adjust(self, logits: torch.Tensor) -> None:
         if self.value_start is None:
+            if self.text.rstrip(" ").endswith(self.keys):  # the next token opens one of our values
+                _keep_only(logits, self.openers)
             return
         value = self.text[self.value_start :]
         ends = self._ends(value)
         allowed = [i for i, piece in self.pieces if any(self.source.startswith(piece, e) for e in ends)]
-        if value and any(_word_end(self.source, e) for e in ends):
-            allowed += self.closers
+        if value[-1:].isalnum() and any(_word_end(self.source, e) for e in ends):
+            allowed += self.closers  # a value ends at the end of a word
         if not allowed:
             return  # nothing continues a span (e.g. an escape was needed): leave it to the grammar
-        keep = torch.full_like(logits, float("-inf"))
-        index = torch.tensor(allowed, device=logits.device)
-        keep[index] = logits[index]
-        if torch.isfinite(keep).any():  # the grammar allows at least one of them
-            logits.copy_(keep)
+        _keep_only(logits, allowed)
 
     def observe(self, token: int, produced: list[int], text: str) -> bool:
         self.text = text
@@ -78,6 +80,17 @@ class _SpanState:
         elif any(text.endswith(head) for head in self.heads):
             self.value_start = len(text)
         return False
+
+
+def _keep_only(logits: torch.Tensor, allowed: list[int]) -> None:
+    """Mask every token but ``allowed`` in place, unless the grammar allows none of them."""
+    if not allowed:
+        return
+    keep = torch.full_like(logits, float("-inf"))
+    index = torch.tensor(allowed, device=logits.device)
+    keep[index] = logits[index]
+    if torch.isfinite(keep).any():
+        logits.copy_(keep)
 
 
 def _find_all(text: str, piece: str) -> list[int]:

@@ -134,6 +134,22 @@ def evaluate_choice(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple
     return summary, rows
 
 
+def combine(choice_rows: list[dict], named_rows: list[dict]) -> dict:
+    """Stated values exact under "any", from a ``--choice-only`` run and a ``named`` run of the same items: with
+    likelihood choice, a call of the right tool is decoded from the same prompt and grammar as under ``named``
+    (the chosen tool's instructions only), so a value counts when the "any" choice was right and ``named`` copied
+    it. ``{tool set: (exact, stated)}`` plus ``"all"``."""
+    right = {(r["set"], r["request"]) for r in choice_rows if r["mode"] == "any" and r["chosen"] == r["expected"]}
+    out: dict[str, list[int]] = {}
+    for row in named_rows:
+        for ok in row["copied"].values():
+            for key in (row["set"], "all"):
+                counts = out.setdefault(key, [0, 0])
+                counts[0] += bool(ok) and (row["set"], row["request"]) in right
+                counts[1] += 1
+    return {key: tuple(counts) for key, counts in out.items()}
+
+
 def tally(rows: list[dict]) -> dict:
     tool = [r for r in rows if r["expected"] != "reply"]
     reply = [r for r in rows if r["expected"] == "reply"]
@@ -189,7 +205,18 @@ def main(argv=None) -> int:
         "argument match)",
     )
     parser.add_argument("--stated-only", action="store_true", help="only the tool items that state argument values")
+    parser.add_argument(
+        "--combine",
+        nargs=2,
+        metavar=("CHOICE_JSON", "NAMED_JSON"),
+        help="print stated values exact under any from a --choice-only run and a named run (no model)",
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        choice, named = (json.loads(Path(p).read_text())["rows"] for p in args.combine)
+        for key, (exact, stated) in combine(choice, named).items():
+            print(f"{key}/any: {exact}/{stated} stated values exact")
+        return 0
 
     import torch
 
