@@ -150,29 +150,68 @@ def test_fused_cpu_read_kernel_equals_the_reference_read(cpu_kernel, write, corr
     assert memory.path_for(x.double(), state.double(), False, None).value == "read"  # float64: torch
 
 
-@pytest.mark.parametrize("writes", [True, False])
-def test_fused_kernel_in_a_model_matches_pure_torch_decoding(cpu_kernel, writes):
+@pytest.mark.parametrize(
+    "options, writes, batch",
+    [
+        ({}, True, 1),
+        ({}, False, 1),
+        ({}, False, 2),  # a batch-1 state read by two examples
+        ({"write": "multi", "corrections": "qkvo"}, True, 2),
+        ({"write": "multi", "forget_gate": "separate"}, False, 1),
+        ({"write": "segment"}, False, 1),
+    ],
+)
+def test_fused_kernel_in_a_model_matches_pure_torch_decoding(cpu_kernel, monkeypatch, options, writes, batch):
+    """Decoding through the decode plan (core.decode_plan: the kernel, bookkeeping once per call) equals pure
+    torch: logits of every token and the final states."""
     from tiny_models import randomize_memory, tiny_model
 
     from deltamem_agents import attach_memory, new_cache
+    from deltamem_agents.core import attach
 
-    model = attach_memory(tiny_model("llama"), DeltaMemConfig())
+    plans = []
+    plan_for = attach.plan_for
+    monkeypatch.setattr(attach, "plan_for", lambda *a: plans.append(plan_for(*a)) or plans[-1])
+    model = attach_memory(tiny_model("llama"), DeltaMemConfig(**options))
     randomize_memory(model)
-    prompt = torch.arange(3, 20)[None]
+    prompt = torch.stack([torch.arange(3, 20) + i for i in range(batch)])  # (batch, 17)
     runs = {}
     for enabled in (False, True):
         cpu_kernel.enable_cpu_decode_kernel(enabled)
+        plans.clear()
         cache, logits = new_cache(model), []
         with torch.no_grad():
-            token = model(prompt, cache=cache).logits[:, -1:].argmax(-1)  # a written state
+            model(prompt, cache=cache)  # a written state
             cache.memory_writes = writes  # writes off: the chat's decode
+            token = torch.arange(5, 5 + batch)[:, None]
+            if not writes and batch > 1:  # one conversation's state read by every example
+                cache.carrier.states = [s[:1] for s in cache.carrier.states]
             for _ in range(6):
                 out = model(token, cache=cache).logits
                 logits.append(out)
                 token = out[:, -1:].argmax(-1)
-        runs[enabled] = torch.cat(logits, 1), cache.memory_state().tensor
+        runs[enabled] = torch.cat(logits, 1), torch.stack(cache.carrier.states)
+        assert sum(p is not None for p in plans) == (6 if enabled else 0)  # every decoding token, with the kernel
     assert torch.allclose(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-4)
     assert torch.allclose(runs[True][1], runs[False][1], atol=1e-6, rtol=1e-4)
+
+
+def test_decode_plan_skips_empty_layers_and_refuses_what_it_does_not_fit(cpu_kernel):
+    from deltamem_agents.core.carrier import MemoryCarrier
+    from deltamem_agents.core.decode_plan import plan_for
+
+    modules = [layer().float(), layer().float()]
+    carrier = MemoryCarrier(states=[None, torch.randn(1, 1, 4, 4)], writes=False)
+    with torch.no_grad():
+        plan = plan_for(modules, carrier, 1, 1, False, torch.float32)
+        assert plan.steps[0] is None and plan.steps[1] is not None  # an empty state with writes off reads 0
+        assert plan_for(modules, carrier, 1, 2, False, torch.float32) is None  # two tokens
+        assert plan_for(modules, carrier, 1, 1, True, torch.float32) is None  # padding
+        assert plan_for(modules, carrier, 1, 1, False, torch.bfloat16) is None  # a bf16 backbone
+        assert plan_for(modules, carrier, 3, 1, False, torch.float32) is not None  # batch-1 state read by 3
+        carrier.states[1] = torch.randn(2, 1, 4, 4)
+        assert plan_for(modules, carrier, 3, 1, False, torch.float32) is None  # a state of another batch
+    assert plan_for(modules, carrier, 1, 1, False, torch.float32) is None  # autograd on
 
 
 def test_cpu_kernel_is_on_when_built_and_off_with_the_switch(cpu_kernel, monkeypatch):

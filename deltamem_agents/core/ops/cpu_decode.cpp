@@ -30,13 +30,18 @@ inline void unit_tanh(const float* z, float* q, int64_t rank, float eps) {
   for (int64_t j = 0; j < rank; ++j) q[j] *= inv;
 }
 
-// delta (Q) = reads (R) @ wd (R, Q)
-inline void corrections(const float* reads, const float* wd, int64_t R, int64_t Q, float* delta) {
-  for (int64_t o = 0; o < Q; ++o) delta[o] = 0.f;
+// delta (Q) = reads (R) @ wd (R, Q); with ``out_first`` its first ``first`` columns are ADDED into out_first
+// instead (the first corrected projection's output, in place) and only columns first.. are written to delta.
+inline void corrections(const float* reads, const float* wd, int64_t R, int64_t Q, float* delta, float* out_first,
+                        int64_t first) {
+  const int64_t start = out_first ? first : 0;
+  for (int64_t o = start; o < Q; ++o) delta[o] = 0.f;
   for (int64_t c = 0; c < R; ++c) {
     const float rc = reads[c];
     const float* row = wd + c * Q;
-    for (int64_t o = 0; o < Q; ++o) delta[o] += rc * row[o];
+    for (int64_t o = start; o < Q; ++o) delta[o] += rc * row[o];
+    if (out_first)
+      for (int64_t o = 0; o < first; ++o) out_first[o] += rc * row[o];
   }
 }
 
@@ -45,14 +50,15 @@ inline void corrections(const float* reads, const float* wd, int64_t R, int64_t 
 extern "C" {
 
 // Bumped whenever a signature below changes; the loader refuses a library reporting another number.
-int64_t deltamem_cpu_decode_abi() { return 3; }
+int64_t deltamem_cpu_decode_abi() { return 4; }
 
 // One token, writes on (token and multi strategies). Shapes, with R = heads * rank:
 //   x (B, d); w (nR, d) packed memory q, k, v, beta [, lambda] rows; b (nR); state, new_state (B, heads, r, r);
 //   wd (R, Q) the pre-scaled corrections; delta (B, Q) out. Reads come from the state before the write.
+//   out_first (B, first) or NULL: see ``corrections``.
 void deltamem_decode_step(const float* x, const float* w, const float* b, const float* state, const float* wd,
-                          float* new_state, float* delta, int64_t B, int64_t d, int64_t nR, int64_t heads,
-                          int64_t rank, int64_t Q, int64_t separate, double eps) {
+                          float* new_state, float* delta, float* out_first, int64_t B, int64_t d, int64_t nR,
+                          int64_t heads, int64_t rank, int64_t Q, int64_t first, int64_t separate, double eps) {
   const int64_t R = heads * rank, rr = rank * rank;
   const float feps = static_cast<float>(eps);
   float z[5 * kMaxRank * 16], reads[kMaxRank * 16], q[kMaxRank], k[kMaxRank];
@@ -79,16 +85,16 @@ void deltamem_decode_step(const float* x, const float* w, const float* b, const 
         for (int64_t j = 0; j < rank; ++j) ns[i * rank + j] = lam * si[j] + err * k[j];
       }
     }
-    corrections(reads, wd, R, Q, delta + bi * Q);
+    corrections(reads, wd, R, Q, delta + bi * Q, out_first ? out_first + bi * first : nullptr, first);
   }
 }
 
 // One token, writes off (the chat's decode): reads of the state, no write. Shapes:
 //   x (B, d); wq (R, d) the memory query weight; state (B or 1, heads, r, r) (``state_batch`` says which: a
-//   batch-1 state serves every example); wd (R, Q); delta (B, Q) out.
+//   batch-1 state serves every example); wd (R, Q); delta (B, Q) out; out_first (B, first) or NULL.
 void deltamem_read_step(const float* x, const float* wq, const float* state, const float* wd, float* delta,
-                        int64_t B, int64_t d, int64_t heads, int64_t rank, int64_t Q, int64_t state_batch,
-                        double eps) {
+                        float* out_first, int64_t B, int64_t d, int64_t heads, int64_t rank, int64_t Q,
+                        int64_t first, int64_t state_batch, double eps) {
   const int64_t R = heads * rank, rr = rank * rank;
   const float feps = static_cast<float>(eps);
   float z[kMaxRank * 16], reads[kMaxRank * 16], q[kMaxRank];
@@ -101,7 +107,7 @@ void deltamem_read_step(const float* x, const float* wq, const float* state, con
       const float* s = sb + h * rr;
       for (int64_t i = 0; i < rank; ++i) reads[h * rank + i] = dot(s + i * rank, q, rank);
     }
-    corrections(reads, wd, R, Q, delta + bi * Q);
+    corrections(reads, wd, R, Q, delta + bi * Q, out_first ? out_first + bi * first : nullptr, first);
   }
 }
 

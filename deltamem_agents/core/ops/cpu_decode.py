@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")  # the C++ kernel, shipped as package data
-ABI_VERSION = 3  # must equal deltamem_cpu_decode_abi() in the source
+ABI_VERSION = 4  # must equal deltamem_cpu_decode_abi() in the source
 CXX_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17")
 MAX_RANK, MAX_READ_DIM = 64, 1024  # the kernel's stack buffers (cpu_decode.cpp)
 
@@ -42,8 +42,8 @@ _enabled = os.environ.get("DELTAMEM_CPU_KERNEL", "1") != "0"
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _SIGNATURES = {
-    "deltamem_decode_step": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _D],
-    "deltamem_read_step": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _D],
+    "deltamem_decode_step": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _D],
+    "deltamem_read_step": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _D],
     "deltamem_add_rows": [_P, _I, _P, _I, _I, _I],
 }
 
@@ -163,8 +163,8 @@ def decode_step(library, x, projection, bias, state, corrections, heads, rank, s
     delta = torch.empty(batch, 1, corrections.shape[1])  # (B, 1, Q)
     library.deltamem_decode_step(
         x.data_ptr(), projection.data_ptr(), bias.data_ptr(), state.data_ptr(), corrections.data_ptr(),
-        new_state.data_ptr(), delta.data_ptr(), batch, d, projection.shape[0], heads, rank, corrections.shape[1],
-        int(separate), eps,
+        new_state.data_ptr(), delta.data_ptr(), None, batch, d, projection.shape[0], heads, rank,
+        corrections.shape[1], 0, int(separate), eps,
     )  # fmt: skip
     return delta, new_state
 
@@ -176,8 +176,8 @@ def read_step(library, x, query, state, corrections, heads, rank, eps):
     batch, d = x.shape[0], x.shape[-1]
     delta = torch.empty(batch, 1, corrections.shape[1])  # (B, 1, Q)
     library.deltamem_read_step(
-        x.data_ptr(), query.data_ptr(), state.data_ptr(), corrections.data_ptr(), delta.data_ptr(),
-        batch, d, heads, rank, corrections.shape[1], state.shape[0], eps,
+        x.data_ptr(), query.data_ptr(), state.data_ptr(), corrections.data_ptr(), delta.data_ptr(), None,
+        batch, d, heads, rank, corrections.shape[1], 0, state.shape[0], eps,
     )  # fmt: skip
     return delta
 
