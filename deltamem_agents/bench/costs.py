@@ -3,12 +3,15 @@
 - decode, read only: the chat's decode path (a state written from the context, then greedy tokens with writes
   off), memory tokens/s / plain tokens/s;
 - decode, TSW writes on (``generate()`` with writes on);
+  both by default (the fused CPU kernel when it is built) and, in the same rounds, with the kernel off (pure
+  torch: what a user without the built kernel gets), as the rows "... (pure torch)";
 - prefill: a 512-token write (TSW), memory / plain;
 - scan: the chunked scan's speed-up over the token loop at T = 2048, H = 1 and H = 4, forward and backward.
 
 Both sides of every ratio are measured in the same round, alternating order (decode: token by token).
 """
 
+import contextlib
 import copy
 
 import torch
@@ -17,6 +20,7 @@ from transformers import DynamicCache
 from deltamem_agents import DeltaMemConfig, attach_memory, new_cache
 from deltamem_agents.bench.scan import time_scans
 from deltamem_agents.bench.timing import median, paired_ratio, timed
+from deltamem_agents.core.ops import cpu_decode
 
 TARGETS = {
     "decode read-only": 0.97,
@@ -35,21 +39,39 @@ def _ids(model, length: int, seed: int) -> torch.Tensor:
     return torch.randint(min(100, vocab // 2), vocab, (1, length), generator=g).to(next(model.parameters()).device)
 
 
-def _decode_round(plain, memory, context, steps: int, read_only: bool, device) -> tuple[float, float]:
-    """Prefill ``context`` on both (memory: writes on), then time ``steps`` greedy tokens each, interleaved."""
-    caches = {"plain": DynamicCache(config=plain.config), "memory": new_cache(memory, writes=True)}
-    models = {"plain": plain, "memory": memory}
-    seconds = {"plain": 0.0, "memory": 0.0}
+@contextlib.contextmanager
+def _cpu_kernel(enabled: bool):
+    """The fused CPU decode kernel on (when built) or off inside the block, the caller's setting after it."""
+    before = cpu_decode._enabled
+    cpu_decode.enable_cpu_decode_kernel(enabled and before)
+    try:
+        yield
+    finally:
+        cpu_decode.enable_cpu_decode_kernel(before)
+
+
+def _decode_round(plain, memory, context, steps: int, read_only: bool, device) -> dict[str, float]:
+    """Prefill ``context`` on every side (memory: writes on), then time ``steps`` greedy tokens each, interleaved
+    token by token with the order rotating. Sides: ``plain``, ``memory`` (default paths) and ``torch`` (the same
+    memory with the CPU kernel off). Returns the seconds per side."""
+    sides = {"plain": (plain, True), "memory": (memory, True), "torch": (memory, False)}
+    caches = {name: new_cache(memory, writes=True) for name in ("memory", "torch")}
+    caches["plain"] = DynamicCache(config=plain.config)
+    seconds, tokens, names = dict.fromkeys(sides, 0.0), {}, list(sides)
     with torch.no_grad():
-        tokens = {n: models[n](context, cache=caches[n]).logits[:, -1:].argmax(-1) for n in models}
-        caches["memory"].memory_writes = not read_only
+        for name, (model, kernel) in sides.items():
+            with _cpu_kernel(kernel):
+                tokens[name] = model(context, cache=caches[name]).logits[:, -1:].argmax(-1)
+        for name in ("memory", "torch"):
+            caches[name].memory_writes = not read_only
         for step in range(steps):
-            for name in ("plain", "memory") if step % 2 == 0 else ("memory", "plain"):
-                model, cache = models[name], caches[name]
-                elapsed, logits = timed(lambda m=model, c=cache, n=name: m(tokens[n], cache=c).logits, device)
+            for name in names[step % 3 :] + names[: step % 3]:
+                (model, kernel), cache = sides[name], caches[name]
+                with _cpu_kernel(kernel):
+                    elapsed, logits = timed(lambda m=model, c=cache, n=name: m(tokens[n], cache=c).logits, device)
                 tokens[name] = logits[:, -1:].argmax(-1)
                 seconds[name] += elapsed
-    return seconds["plain"], seconds["memory"]
+    return seconds
 
 
 def _prefill_round(plain, memory, prompt, device, reverse: bool) -> tuple[float, float]:
@@ -100,18 +122,21 @@ def bench_costs(model, device: torch.device, quick: bool = False, rounds: int | 
         )
         print(f"  costs {key:26s} {ratio:7.3f}  (target {target}; {detail})", flush=True)
 
+    kernel = "CPU kernel" if cpu_decode.kernel() is not None else "pure torch: CPU kernel not built or off"
     for name, read_only in (("decode read-only", True), ("decode TSW writes on", False)):
         _decode_round(plain, memory, context, 2, read_only, device)  # warm-up
-        pairs = [_decode_round(plain, memory, context, steps, read_only, device) for _ in range(rounds)]
-        plain_s, memory_s = [p for p, _ in pairs], [m for _, m in pairs]
-        add(
-            name,
-            paired_ratio(plain_s, memory_s),
-            steps / median(plain_s),
-            steps / median(memory_s),
-            "tok/s",
-            f"{steps} greedy tokens after {context_len}, plain {steps / median(plain_s):.1f} tok/s",
-        )
+        runs = [_decode_round(plain, memory, context, steps, read_only, device) for _ in range(rounds)]
+        plain_s = [run["plain"] for run in runs]
+        for side, label, how in (("memory", name, kernel), ("torch", f"{name} (pure torch)", "kernel off")):
+            memory_s = [run[side] for run in runs]
+            add(
+                label,
+                paired_ratio(plain_s, memory_s),
+                steps / median(plain_s),
+                steps / median(memory_s),
+                "tok/s",
+                f"{steps} greedy tokens after {context_len}, plain {steps / median(plain_s):.1f} tok/s; {how}",
+            )
     _prefill_round(plain, memory, prompt, device, False)  # warm-up
     pairs = [_prefill_round(plain, memory, prompt, device, i % 2 == 1) for i in range(rounds)]
     plain_s, memory_s = [p for p, _ in pairs], [m for _, m in pairs]

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from deltamem_agents.core.backbones import BackboneSpec, attention_shapes, backbone_spec, projection_weights, resolve
 from deltamem_agents.core.carrier import CURRENT_CALL, CallContext, MemoryCarrier, carrier_of
 from deltamem_agents.core.config import DeltaMemConfig
+from deltamem_agents.core.decode_plan import plan_for
 from deltamem_agents.core.errors import AdapterError, ConfigError
 from deltamem_agents.core.fingerprint import Fingerprinter
 from deltamem_agents.core.memory_layer import MemoryLayer
@@ -166,6 +167,7 @@ def _attention(model: nn.Module, spec: BackboneSpec, index: int) -> nn.Module:
 
 def _decoder_pre_hook(attachment: Attachment, model: nn.Module):
     num_layers = len(attachment.layers)
+    fusable = attachment.spec.fused_qkv is None  # the decode plan adds whole projection outputs
 
     def hook(module, args, kwargs):
         tokens = kwargs.get("input_ids")
@@ -196,6 +198,10 @@ def _decoder_pre_hook(attachment: Attachment, model: nn.Module):
                 "one message id per input token of the next call"
             )
         context = CallContext(carrier=carrier, mask=mask, segment_ids=segment_ids)
+        if fusable and tokens is not None and segment_ids is None:
+            # one decoding token: every layer's bookkeeping once, here (see core.decode_plan)
+            dtype = attachment.patched[0].weight.dtype
+            context.plan = plan_for(attachment.modules, carrier, tokens.shape[0], length, mask is not None, dtype)
         context.token = CURRENT_CALL.set(context)
         return args, kwargs
 
@@ -240,6 +246,11 @@ class CorrectedForward:
         context = CURRENT_CALL.get()
         if context is None:
             return output  # called outside its decoder: behave as the plain backbone
+        plan = context.plan
+        if plan is not None:  # one decoding token with the fused CPU kernel (core.decode_plan)
+            if self.computes:
+                return plan.first(self.position, x, output)
+            return plan.add(self.position, self.names[0], output)
         if self.computes:
             carrier = context.carrier
             state = _state_for(carrier, self.position, x, self.memory)  # (B, H, r, r) or None

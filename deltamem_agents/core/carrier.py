@@ -36,6 +36,7 @@ class CallContext:
     mask: torch.Tensor | None  # (B, T) true for real tokens, or None when nothing is padded
     segment_ids: torch.Tensor | None  # (B, T) or None
     deltas: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # position -> {name: (B, T, out)}
+    plan: object | None = None  # a core.decode_plan.DecodePlan when the fused one-token decode applies
 
 
 # One value per thread and per asyncio task: concurrent forward calls each see their own context.

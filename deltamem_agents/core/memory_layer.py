@@ -41,8 +41,9 @@ class ComputePath(StrEnum):
     """The compute paths of one memory call (docs/memory.md, "Compute paths", says which serves what)."""
 
     READ = "read"  # writes off: query projection + r x r read (the chat's decode and read prefill)
+    READ_FUSED_CPU = "read_fused_cpu"  # READ of one token in one call of the CPU kernel (ops.cpu_decode)
     STEP = "step"  # one token, writes on, no padding: delta_step (generate() with writes on)
-    FUSED_CPU = "fused_cpu"  # STEP in one call of the optional C++ kernel (ops.cpu_decode)
+    FUSED_CPU = "fused_cpu"  # STEP in one call of the CPU kernel (ops.cpu_decode; on when built)
     RECURRENT = "recurrent"  # <= RECURRENT_MAX_TOKENS tokens, writes on: the token loop
     CHUNKED = "chunked"  # longer writes (prefill, training with autograd): the chunk-parallel scan
     GPU_PLUGIN = "gpu_plugin"  # CHUNKED on CUDA through an optional plugin kernel (ops.kernels)
@@ -70,7 +71,7 @@ def choose_path(
         gpu_kernel: an optional GPU scan plugin is installed and enabled.
     """
     if not writes:
-        return ComputePath.READ
+        return ComputePath.READ_FUSED_CPU if cpu_kernel and length == 1 and not padded else ComputePath.READ
     if write == "segment":
         return ComputePath.SEGMENT
     if length == 1 and not padded:
@@ -94,6 +95,7 @@ class PackedWeights:
             and transposed, so ``reads @ corrections`` gives all corrections at once.
         sizes: the output size of each corrected projection (to split that product).
         slices: per corrected name, its ``(R, out)`` column block of ``corrections`` (a view).
+        columns: per corrected name, the slice of ``sum out`` its block covers.
     """
 
     projection: torch.Tensor
@@ -102,6 +104,7 @@ class PackedWeights:
     corrections: torch.Tensor
     sizes: tuple[int, ...]
     slices: dict[str, torch.Tensor]
+    columns: dict[str, slice]
 
 
 class Corrections(Mapping):
@@ -113,15 +116,18 @@ class Corrections(Mapping):
         factor: ``(B*T, R)`` the reads (or, with writes off, the unit queries), flattened over (B, T).
         lead: ``(B, T)``.
         weights: per name ``(R, out)``, or ``(B, R, out)`` (one per example), so correction = factor @ weight.
-        done: finished corrections ``{name: (B, T, out)}`` instead (the fused CPU kernel computes them itself).
+        done: finished corrections ``(B, T, sum out)`` instead (the fused CPU kernel computes them itself), with
+            ``columns``: per name, its slice of the last dim.
     """
 
-    def __init__(self, factor=None, lead=None, weights=None, done: dict[str, torch.Tensor] | None = None):
+    def __init__(self, factor=None, lead=None, weights=None, done: torch.Tensor | None = None, columns=None):
         self.factor, self.lead, self.weights, self.done = factor, lead, weights, done
+        if done is not None:
+            self.weights = columns  # name -> slice of done's last dim
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.done is not None:
-            return self.done[name]
+            return self.done[..., self.weights[name]]  # (B, T, out) view
         weight = self.weights[name]  # (R, out) or (B, R, out)
         factor = self.factor.to(weight.dtype)
         if weight.dim() == 3:
@@ -129,10 +135,10 @@ class Corrections(Mapping):
         return (factor @ weight).view(*self.lead, -1)  # (B, T, out)
 
     def __iter__(self):
-        return iter(self.done if self.done is not None else self.weights)
+        return iter(self.weights)
 
     def __len__(self) -> int:
-        return len(self.done if self.done is not None else self.weights)
+        return len(self.weights)
 
     def add_to(self, name: str, output: torch.Tensor) -> torch.Tensor:
         """``output + self[name]`` for a projection output ``(B, T, out)``, in one op where dtypes allow (in
@@ -145,6 +151,10 @@ class Corrections(Mapping):
                     return output
                 flat = torch.addmm(output.reshape(-1, output.shape[-1]), self.factor, weight)  # (B*T, out)
                 return flat.view(output.shape)
+        if self.done is not None and not torch.is_grad_enabled():  # the kernel's result, added in place by it
+            library = cpu_decode.kernel()
+            if library is not None and cpu_decode.add_columns(library, output, self.done, self.weights[name]):
+                return output
         delta = self[name]  # (B, T, out)
         return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
@@ -183,6 +193,8 @@ class MemoryLayer(nn.Module):
         self._packed_cache: tuple[tuple, PackedWeights] | None = None
         # The read-operator cache (see read_operator): (weakref to the state, its version, PackedWeights, N).
         self._read_cache: tuple | None = None
+        # Whether the fused CPU kernel's buffers fit this layer's sizes (ops.cpu_decode.supports).
+        self._kernel_fits = cpu_decode.supports(config.num_heads, config.rank)
 
     @property
     def corrected(self) -> tuple[str, ...]:
@@ -233,6 +245,8 @@ class MemoryLayer(nn.Module):
         """
         path = self.path_for(x, state, writes, mask)
         packed = self.packed_weights()
+        if path is ComputePath.READ_FUSED_CPU:
+            return self._read_fused_cpu(x, state, packed), state
         if path is ComputePath.READ:
             return self.read_corrections(x, state, mask, packed), state
         if path is ComputePath.FUSED_CPU:
@@ -247,14 +261,14 @@ class MemoryLayer(nn.Module):
     ) -> ComputePath:
         """The :func:`choose_path` entry for these tensors (``fused=False`` excludes the fused CPU kernel)."""
         length = x.shape[1]
-        if not writes:
-            return ComputePath.READ
         cpu_kernel = (
             fused
             and length == 1
-            and cpu_decode.usable_for(x, state)
-            and self.memory_q_proj.dtype == torch.float32
+            and mask is None
+            and self._kernel_fits
             and cpu_decode.kernel() is not None
+            and cpu_decode.usable_for(x, state, self.memory_q_proj)
+            and (writes or state.shape[0] == 1 or state.shape[0] == x.shape[0])
         )
         gpu_kernel = x.is_cuda and writes and length > RECURRENT_MAX_TOKENS and gpu_scan_kernel() is not None
         return choose_path(self.config.write, length, writes, mask is not None, x.is_cuda, cpu_kernel, gpu_kernel)
@@ -311,7 +325,7 @@ class MemoryLayer(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self._build_packed()
         # Inference-mode tensors must not leak into code that runs with autograd later: part of the key.
-        key = (torch.is_inference_mode_enabled(), *((p._version, p.data_ptr()) for p in params))
+        key = [torch.is_inference_mode_enabled(), *[(p._version, p.data_ptr()) for p in params]]
         if self._packed_cache is None or self._packed_cache[0] != key:
             with torch.no_grad():
                 self._packed_cache = (key, self._build_packed())
@@ -333,6 +347,7 @@ class MemoryLayer(nn.Module):
             corrections=corrections,
             sizes=sizes,
             slices=dict(zip(self.corrected, corrections.split(sizes, dim=1))),  # (R, out) views
+            columns={name: slice(sum(sizes[:i]), sum(sizes[: i + 1])) for i, name in enumerate(self.corrected)},
         )
 
     def project(self, x: torch.Tensor, packed: PackedWeights | None = None) -> tuple[torch.Tensor, ...]:
@@ -445,24 +460,26 @@ class MemoryLayer(nn.Module):
 
     def _step_fused_cpu(
         self, x: torch.Tensor, state: torch.Tensor, packed: PackedWeights
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    ) -> tuple[Corrections, torch.Tensor]:
         """ComputePath.FUSED_CPU: :meth:`decode_step` and the corrections in one call of the C++ kernel.
 
         Args: x ``(B, 1, d)``, state ``(B, H, r, r)``; float32 on the CPU, no autograd (see ``path_for``)."""
         cfg = self.config
-        *deltas, new_state = cpu_decode.kernel().decode_step(
-            x,
-            packed.projection,
-            packed.bias,
-            state,
-            packed.corrections,
-            list(packed.sizes),
-            cfg.num_heads,
-            cfg.rank,
-            self.separate_forget_gate,
-            NORM_EPS,
-        )  # (B, 1, out) per corrected projection, (B, H, r, r)
-        return Corrections(done=dict(zip(self.corrected, deltas))), new_state
+        delta, new_state = cpu_decode.decode_step(
+            cpu_decode.kernel(), x, packed.projection, packed.bias, state, packed.corrections,
+            cfg.num_heads, cfg.rank, self.separate_forget_gate, NORM_EPS,
+        )  # (B, 1, Q), (B, H, r, r)  # fmt: skip
+        return Corrections(done=delta, columns=packed.columns), new_state
+
+    def _read_fused_cpu(self, x: torch.Tensor, state: torch.Tensor, packed: PackedWeights) -> Corrections:
+        """ComputePath.READ_FUSED_CPU: :meth:`read_corrections` of one token in one call of the C++ kernel.
+
+        Args: x ``(B, 1, d)``, state ``(B or 1, H, r, r)``; float32 on the CPU, no autograd."""
+        cfg = self.config
+        delta = cpu_decode.read_step(
+            cpu_decode.kernel(), x, packed.projection, state, packed.corrections, cfg.num_heads, cfg.rank, NORM_EPS
+        )  # (B, 1, Q)
+        return Corrections(done=delta, columns=packed.columns)
 
     def write_segments(
         self,
