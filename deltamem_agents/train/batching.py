@@ -27,6 +27,7 @@ class Example:
     read_ids: torch.Tensor
     labels: torch.Tensor
     episode_id: str = ""
+    answer_in_prompt: bool = False
 
     @property
     def write_tokens(self) -> int:
@@ -46,6 +47,7 @@ class Batch:
     read_ids: torch.Tensor  # (B, Tr)
     read_mask: torch.Tensor  # (B, Tr)
     labels: torch.Tensor  # (B, Tr)
+    in_prompt: torch.Tensor | None = None  # (B,) true where the read prompt itself holds the answer
 
     @property
     def size(self) -> int:
@@ -56,7 +58,10 @@ class Batch:
         return int(sum(int(c.mask.sum()) for c in self.write_calls) + self.read_mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.write_calls, self.read_ids.to(device), self.read_mask.to(device), self.labels.to(device))
+        moved = None if self.in_prompt is None else self.in_prompt.to(device)
+        return Batch(
+            self.write_calls, self.read_ids.to(device), self.read_mask.to(device), self.labels.to(device), moved
+        )
 
     def reads_twice(self) -> "Batch":
         """The read tensors stacked twice (B -> 2B), for the right- and wrong-memory reads in one pass."""
@@ -65,6 +70,7 @@ class Batch:
             torch.cat([self.read_ids] * 2),
             torch.cat([self.read_mask] * 2),
             torch.cat([self.labels] * 2),
+            None if self.in_prompt is None else torch.cat([self.in_prompt] * 2),
         )
 
 
@@ -105,7 +111,8 @@ def encode_example(
     answer_ids = tokenizer(question.answer + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
     read_ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)  # (Tr,)
     labels = torch.tensor([IGNORE] * len(prompt_ids) + answer_ids, dtype=torch.long)  # (Tr,)
-    return Example(tuple(pieces), read_ids, labels, episode.id)
+    in_prompt = any(question.answer.lower() in m["content"].lower() for m in prompt)
+    return Example(tuple(pieces), read_ids, labels, episode.id, in_prompt)
 
 
 def _count(tokenizer):
@@ -123,7 +130,8 @@ def collate(examples: list[Example], pad_id: int = 0) -> Batch:
         m = e.read_ids.shape[0]
         read_ids[i, :m], read_mask[i, :m], labels[i, :m] = e.read_ids, True, e.labels
     calls = write_schedule.schedule_calls([list(e.write_pieces) for e in examples], pad_id)
-    return Batch(tuple(calls), read_ids, read_mask, labels)
+    in_prompt = torch.tensor([e.answer_in_prompt for e in examples], dtype=torch.bool)  # (B,)
+    return Batch(tuple(calls), read_ids, read_mask, labels, in_prompt)
 
 
 def length_sorted_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:

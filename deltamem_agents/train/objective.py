@@ -115,12 +115,15 @@ def batch_loss(
     margin: float = 1.0,
     control: bool = True,
     cached: tuple[torch.Tensor, torch.Tensor] | None = None,
+    prompt_weight: float = 1.0,
 ) -> LossParts:
     """The training loss of one batch.
 
     loss = CE(answer | right memory) + gate_weight * mean_layers (mean beta - gate_target)^2
            + contrastive_weight * mean relu(margin + CE(right) - CE(wrong))
-    where "wrong" reads the memory of the next conversation in the batch (rolled by one). The wrong-memory CE is
+    where "wrong" reads the memory of the next conversation in the batch (rolled by one). For the examples whose
+    read prompt holds the answer (``batch.in_prompt``) the margin is replaced by ``prompt_weight * CE(wrong)``:
+    there the model must answer from the prompt whichever memory it reads. The wrong-memory CE is
     computed whenever the batch has 2+ examples and ``control`` or the contrastive term asks for it; it is the
     control gap shown during training.
 
@@ -149,7 +152,11 @@ def batch_loss(
     loss = ce.mean() + gate_weight * gate
     read_seconds = time.perf_counter() - tick - write_seconds
     if contrastive_weight > 0 and ce_wrong is not None:
-        loss = loss + contrastive_weight * F.relu(margin + ce - ce_wrong).mean()
+        in_prompt = batch.in_prompt if batch.in_prompt is not None else torch.zeros_like(ce, dtype=torch.bool)
+        hinge = F.relu(margin + ce - ce_wrong)  # (B,)
+        free = (~in_prompt).to(ce.dtype)  # (B,) the memory is the only source of the answer
+        loss = loss + contrastive_weight * (hinge * free).sum() / ce.shape[0]
+        loss = loss + prompt_weight * (ce_wrong * in_prompt.to(ce.dtype)).sum() / ce.shape[0]
     return LossParts(
         loss=loss,
         ce=float(ce.detach().mean()),
