@@ -89,8 +89,9 @@ def _rewrite_layer(module, calls, inputs: list[torch.Tensor], empty: torch.Tenso
     return state
 
 
-def answer_losses(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tensor:
-    """Per-example mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,)."""
+def answer_logits(model, batch: Batch, states: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The logits at the answer positions, reading ``states`` with writes off: ``(logits (N, V), targets (N,),
+    rows (N,) the example of each answer token, first (N,) true at each example's first answer token)``."""
     cache = DeltaMemCache.from_states(model, states, writes=False)
     hidden = decoder_of(model)(
         input_ids=batch.read_ids, attention_mask=batch.read_mask.long(), cache=cache, use_cache=True
@@ -98,8 +99,23 @@ def answer_losses(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tens
     targets = batch.labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
     where = targets != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][where])  # (N, V), only answer positions
-    ce = F.cross_entropy(logits.float(), targets[where], reduction="none")  # (N,)
     rows = where.nonzero()[:, 0]  # (N,) example of each answer token
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]  # (N,)
+    return logits, targets[where], rows, first
+
+
+def first_token_hits(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tensor:
+    """Per example whether the argmax at the first answer position is the answer's first token: (B,) bool."""
+    logits, targets, rows, first = answer_logits(model, batch, states)
+    hits = torch.zeros(batch.size, dtype=torch.bool, device=logits.device)
+    return hits.index_copy(0, rows[first], logits[first].argmax(-1) == targets[first])
+
+
+def answer_losses(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tensor:
+    """Per-example mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,)."""
+    logits, targets, rows, _ = answer_logits(model, batch, states)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     per_example = torch.zeros(batch.size, device=ce.device).index_add(0, rows, ce)
     counts = torch.zeros(batch.size, device=ce.device).index_add(0, rows, torch.ones_like(ce))
     return per_example / counts.clamp_min(1)  # (B,)
