@@ -40,6 +40,8 @@ FLAGS = {
     "read-window": ("read_window", int, "last history messages in the read prompt (the chat's window)"),
     "read-notes": ("read_notes", float, "share of examples with BM25 notes of older messages in the read prompt"),
     "write-cache-until": ("write_cache_until", float, "with --write-cache: share of the steps that use it"),
+    "distill": ("distill_weight", float, "weight of the context-distillation KL (teacher: backbone + the fact)"),
+    "distill-top-k": ("distill_top_k", int, "the teacher's top-k tokens (>= 64, renormalised) of the KL"),
     "prompt-weight": ("prompt_weight", float, "weight of CE(wrong memory) where the prompt holds the answer"),
     "write": ("memory.write", str, "write strategy: token (TSW), segment (SSW) or multi (MSW)"),
     "rank": ("memory.rank", int, "r, the side of each memory state"),

@@ -25,6 +25,8 @@ class LossParts:
     beta_mean: float
     write_seconds: float = 0.0
     read_seconds: float = 0.0
+    teacher_seconds: float = 0.0
+    distill: float | None = None
 
     @property
     def gap(self) -> float | None:
@@ -112,9 +114,12 @@ def first_token_hits(model, batch: Batch, states: list[torch.Tensor]) -> torch.T
     return hits.index_copy(0, rows[first], logits[first].argmax(-1) == targets[first])
 
 
-def answer_losses(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tensor:
-    """Per-example mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,)."""
+def answer_losses(model, batch: Batch, states: list[torch.Tensor], keep: list | None = None) -> torch.Tensor:
+    """Per-example mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,).
+    ``keep``: a list that receives ``(logits (N, V), rows (N,))`` of the answer positions (for distillation)."""
     logits, targets, rows, _ = answer_logits(model, batch, states)
+    if keep is not None:
+        keep.append((logits, rows))
     ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     per_example = torch.zeros(batch.size, device=ce.device).index_add(0, rows, ce)
     counts = torch.zeros(batch.size, device=ce.device).index_add(0, rows, torch.ones_like(ce))
@@ -132,6 +137,8 @@ def batch_loss(
     control: bool = True,
     cached: tuple[torch.Tensor, torch.Tensor] | None = None,
     prompt_weight: float = 1.0,
+    distill_weight: float = 0.0,
+    distill_top_k: int = 64,
 ) -> LossParts:
     """The training loss of one batch.
 
@@ -139,7 +146,11 @@ def batch_loss(
            + contrastive_weight * mean relu(margin + CE(right) - CE(wrong))
     where "wrong" reads the memory of the next conversation in the batch (rolled by one). For the examples whose
     read prompt holds the answer (``batch.in_prompt``) the margin is replaced by ``prompt_weight * CE(wrong)``:
-    there the model must answer from the prompt whichever memory it reads. The wrong-memory CE is
+    there the model must answer from the prompt whichever memory it reads. With ``distill_weight`` (needs
+    ``batch.teacher``) it adds ``distill_weight * KL(teacher || student)`` per answer token, mean over tokens:
+    the teacher is the frozen backbone (empty memory) reading the prompt WITH the fact-holding messages, the
+    student the right memory reading the prompt without them; both over the teacher's top ``distill_top_k``
+    tokens, renormalised (see :func:`distillation_kl`). The wrong-memory CE is
     computed whenever the batch has 2+ examples and ``control`` or the contrastive term asks for it; it is the
     control gap shown during training.
 
@@ -151,6 +162,7 @@ def batch_loss(
         states, betas = cached_write_pass(model, *cached)
     else:
         states, betas = write_pass(model, batch, detach_backbone)
+    keep: list = []
     write_seconds = time.perf_counter() - tick
     gate = torch.stack([(b - gate_target) ** 2 for b in betas]).mean()
     use_wrong = batch.size > 1 and (control or contrastive_weight > 0)
@@ -159,14 +171,27 @@ def batch_loss(
         wrong = [s.roll(1, dims=0) for s in states]
         if contrastive_weight == 0:
             wrong = [s.detach() for s in wrong]
-        ce_all = answer_losses(model, both, [torch.cat([s, w]) for s, w in zip(states, wrong)])  # (2B,)
+        ce_all = answer_losses(model, both, [torch.cat([s, w]) for s, w in zip(states, wrong)], keep)  # (2B,)
         ce, ce_wrong = ce_all[: batch.size], ce_all[batch.size :]
         if contrastive_weight == 0:
             ce_wrong = ce_wrong.detach()
     else:
-        ce, ce_wrong = answer_losses(model, batch, states), None
+        ce, ce_wrong = answer_losses(model, batch, states, keep), None
     loss = ce.mean() + gate_weight * gate
     read_seconds = time.perf_counter() - tick - write_seconds
+    teacher_seconds, distill = 0.0, None
+    if distill_weight > 0:
+        if batch.teacher is None:
+            raise ValueError("distillation needs the teacher's read tensors: encode the examples with teacher=True")
+        teacher_tick = time.perf_counter()
+        with torch.no_grad():
+            zeros = [torch.zeros_like(s) for s in states]  # the empty memory reads 0: the frozen backbone
+            teacher_logits, _, _, _ = answer_logits(model, batch.teacher, zeros)  # (N, V)
+        teacher_seconds = time.perf_counter() - teacher_tick
+        student_logits, rows = keep[0]
+        student_logits = student_logits[rows < batch.size]  # the right-memory read's answer tokens, in order
+        distill = distillation_kl(teacher_logits, student_logits, distill_top_k).mean()
+        loss = loss + distill_weight * distill
     if contrastive_weight > 0 and ce_wrong is not None:
         in_prompt = batch.in_prompt if batch.in_prompt is not None else torch.zeros_like(ce, dtype=torch.bool)
         hinge = F.relu(margin + ce - ce_wrong)  # (B,)
@@ -181,4 +206,19 @@ def batch_loss(
         beta_mean=float(torch.stack(betas).detach().mean()),
         write_seconds=write_seconds,
         read_seconds=read_seconds,
+        teacher_seconds=teacher_seconds,
+        distill=None if distill is None else float(distill.detach()),
     )
+
+
+def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, top_k: int = 64) -> torch.Tensor:
+    """Per answer token ``KL(p_teacher || p_student)`` over the teacher's top ``top_k`` tokens, both distributions
+    renormalised over those tokens: ``(N, V), (N, V) -> (N,)``."""
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher and student answer positions differ: {teacher_logits.shape} vs {student_logits.shape}"
+        )
+    top = teacher_logits.float().topk(min(top_k, teacher_logits.shape[-1]), dim=-1)  # (N, k)
+    log_p = F.log_softmax(top.values, dim=-1)  # (N, k)
+    log_q = F.log_softmax(student_logits.float().gather(-1, top.indices), dim=-1)  # (N, k)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)

@@ -38,7 +38,9 @@ class TrainConfig(BaseModel):
     ``read_notes`` is the share of examples whose read prompt also holds the BM25 notes of the older messages,
     as the chat's read prompt does. Where the read prompt holds the answer the contrastive term is off and
     ``prompt_weight`` x CE(answer | wrong memory) is added instead: with another conversation's memory the model
-    must still follow its prompt (do no harm).
+    must still follow its prompt (do no harm). ``distill_weight`` adds context distillation (``batch_loss``):
+    KL to the frozen backbone that reads the fact-holding messages in its prompt, over its top
+    ``distill_top_k`` tokens renormalised; the teacher runs once per example seen, without gradients.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -63,6 +65,8 @@ class TrainConfig(BaseModel):
     read_window: int = Field(0, ge=0)
     read_notes: float = Field(0.0, ge=0, le=1)
     prompt_weight: float = Field(1.0, ge=0)
+    distill_weight: float = Field(0.0, ge=0)
+    distill_top_k: int = Field(64, ge=64)
     gate_weight: float = 0.01
     gate_target: float = 0.05
     contrastive_weight: float = 0.5
@@ -121,6 +125,7 @@ def training_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
                     config.max_write_tokens,
                     window=config.read_window,
                     notes=config.read_notes > 0 and rng.random() < config.read_notes,
+                    teacher=config.distill_weight > 0,
                 )
             )
         while len(examples) < steps * per_step:  # a small data file is repeated
@@ -201,6 +206,8 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                     contrastive_weight=config.contrastive_weight,
                     margin=config.margin,
                     prompt_weight=config.prompt_weight,
+                    distill_weight=config.distill_weight,
+                    distill_top_k=config.distill_top_k,
                     cached=cached,
                 )
                 backward_tick = time.monotonic()
@@ -228,6 +235,10 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                 "read_s": sum(p.read_seconds for p in parts_list),
                 "backward_s": backward_seconds,
                 "cache_s": cache_seconds,
+                "teacher_s": sum(p.teacher_seconds for p in parts_list),
+                "distill": None
+                if parts_list[0].distill is None
+                else sum(p.distill for p in parts_list) / len(parts_list),
             }
             state["history"].append(record)
             state["step"] = step + 1
