@@ -26,7 +26,7 @@ def multi_message_episodes(count):
     for i in range(count):
         msgs = [{"role": "user", "content": f"k={'abcdefgh'[i % 8]}"}, {"role": "assistant", "content": "ok"}]
         msgs += [{"role": "user", "content": "hi there" * (1 + i % 3)}, {"role": "assistant", "content": "yes"}]
-        episodes.append(Episode(f"m{i}", (Session(tuple(msgs)),), (Question("k?", "abcdefgh"[i % 8]),)))
+        episodes.append(Episode(f"m{i}", (Session(tuple(msgs)),), (Question("k?", "abcdefgh"[i % 8], evidence=((0, 0),)),)))
     return episodes
 
 
@@ -103,16 +103,16 @@ def test_trainer_with_the_cache_and_the_chat_read_prompt_records_the_cost_split(
 
     tokenizer = char_tokenizer()
     model = tiny_model("llama", seed=0)
-    data = save_episodes(multi_message_episodes(4), tmp_path / "train.jsonl")  # repeated: one batch
+    data = save_episodes(multi_message_episodes(1) * 2, tmp_path / "train.jsonl")  # every batch the same
     config = TrainConfig(
         memory=DeltaMemConfig(write="segment"),
         data=str(data),
         steps=3,
-        batch_size=4,
+        batch_size=2,
         system_prompt="m",
         write_cache=True,
         read_window=2,
-        read_notes=True,
+        read_notes=1.0,
         dev_episodes=0,
         progress=False,
     )

@@ -27,6 +27,9 @@ class Example:
     read_ids: torch.Tensor
     labels: torch.Tensor
     episode_id: str = ""
+    answer_in_prompt: bool = False
+    teacher_ids: torch.Tensor | None = None  # (Tt,) the read ids with the fact-holding messages in the prompt
+    teacher_labels: torch.Tensor | None = None  # (Tt,)
 
     @property
     def write_tokens(self) -> int:
@@ -46,6 +49,8 @@ class Batch:
     read_ids: torch.Tensor  # (B, Tr)
     read_mask: torch.Tensor  # (B, Tr)
     labels: torch.Tensor  # (B, Tr)
+    in_prompt: torch.Tensor | None = None  # (B,) true where the read prompt itself holds the answer
+    teacher: "Batch | None" = None  # the teacher's read tensors (no write calls), for context distillation
 
     @property
     def size(self) -> int:
@@ -56,7 +61,16 @@ class Batch:
         return int(sum(int(c.mask.sum()) for c in self.write_calls) + self.read_mask.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.write_calls, self.read_ids.to(device), self.read_mask.to(device), self.labels.to(device))
+        moved = None if self.in_prompt is None else self.in_prompt.to(device)
+        teacher = None if self.teacher is None else self.teacher.to(device)
+        return Batch(
+            self.write_calls,
+            self.read_ids.to(device),
+            self.read_mask.to(device),
+            self.labels.to(device),
+            moved,
+            teacher,
+        )
 
     def reads_twice(self) -> "Batch":
         """The read tensors stacked twice (B -> 2B), for the right- and wrong-memory reads in one pass."""
@@ -65,6 +79,7 @@ class Batch:
             torch.cat([self.read_ids] * 2),
             torch.cat([self.read_mask] * 2),
             torch.cat([self.labels] * 2),
+            None if self.in_prompt is None else torch.cat([self.in_prompt] * 2),
         )
 
 
@@ -84,11 +99,14 @@ def encode_example(
     max_write_tokens=2048,
     window: int = 0,
     notes: bool = False,
+    teacher: bool = False,
 ) -> Example:
     """Tokenize one (episode, question) pair. The history is written as the chat writes it; when it is longer
     than ``max_write_tokens``, its oldest messages are left out (whole messages, so the state stays a function of
     the written messages). ``window``: the last messages of the history in the read prompt; ``notes``: BM25 notes
-    of the older messages too (as ``deltamem eval``'s window / bm25 methods build them)."""
+    of the older messages too (as ``deltamem eval``'s window / bm25 methods build them). ``teacher``: also the
+    teacher's read ids, the same prompt with the messages that state the answer (the question's ``evidence``
+    and the reply after each) put before the window: context distillation's teacher sees the fact."""
     question = episode.questions[question_index]
     messages = episode.history()
     recent = messages[-window:] if window else []
@@ -105,7 +123,17 @@ def encode_example(
     answer_ids = tokenizer(question.answer + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
     read_ids = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)  # (Tr,)
     labels = torch.tensor([IGNORE] * len(prompt_ids) + answer_ids, dtype=torch.long)  # (Tr,)
-    return Example(tuple(pieces), read_ids, labels, episode.id)
+    in_prompt = any(question.answer.lower() in m["content"].lower() for m in prompt)
+    teacher_ids = teacher_labels = None
+    if teacher:
+        evidence = []
+        for s, m in question.evidence:
+            evidence += [dict(x) for x in episode.sessions[s].messages[m : m + 2]]
+        shown = read_prompt(question.question, system_prompt, [*evidence, *(dict(m) for m in recent)], note_lines)
+        shown_ids = render_prompt_ids(tokenizer, shown).tolist()
+        teacher_ids = torch.tensor(shown_ids + answer_ids, dtype=torch.long)  # (Tt,)
+        teacher_labels = torch.tensor([IGNORE] * len(shown_ids) + answer_ids, dtype=torch.long)  # (Tt,)
+    return Example(tuple(pieces), read_ids, labels, episode.id, in_prompt, teacher_ids, teacher_labels)
 
 
 def _count(tokenizer):
@@ -113,17 +141,29 @@ def _count(tokenizer):
 
 
 def collate(examples: list[Example], pad_id: int = 0) -> Batch:
-    """Batch examples: their write pieces scheduled into calls, their read tensors right-padded."""
-    tr = max(e.read_ids.shape[0] for e in examples)
-    b = len(examples)
-    read_ids = torch.full((b, tr), pad_id, dtype=torch.long)
-    read_mask = torch.zeros((b, tr), dtype=torch.bool)
-    labels = torch.full((b, tr), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        m = e.read_ids.shape[0]
-        read_ids[i, :m], read_mask[i, :m], labels[i, :m] = e.read_ids, True, e.labels
+    """Batch examples: their write pieces scheduled into calls, their read tensors right-padded (and the
+    teacher's, when every example has them)."""
+    read_ids, read_mask, labels = _pad([e.read_ids for e in examples], [e.labels for e in examples], pad_id)
     calls = write_schedule.schedule_calls([list(e.write_pieces) for e in examples], pad_id)
-    return Batch(tuple(calls), read_ids, read_mask, labels)
+    in_prompt = torch.tensor([e.answer_in_prompt for e in examples], dtype=torch.bool)  # (B,)
+    teacher = None
+    if all(e.teacher_ids is not None for e in examples):
+        ids, mask, teacher_labels = _pad(
+            [e.teacher_ids for e in examples], [e.teacher_labels for e in examples], pad_id
+        )
+        teacher = Batch((), ids, mask, teacher_labels)
+    return Batch(tuple(calls), read_ids, read_mask, labels, in_prompt, teacher)
+
+
+def _pad(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-pad ``(T_i,)`` ids and labels into ``(B, T)`` ids, mask and labels."""
+    width, b = max(x.shape[0] for x in ids), len(ids)
+    out_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.bool)
+    out_labels = torch.full((b, width), IGNORE, dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        out_ids[i, : x.shape[0]], mask[i, : x.shape[0]], out_labels[i, : x.shape[0]] = x, True, y
+    return out_ids, mask, out_labels
 
 
 def length_sorted_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:

@@ -38,6 +38,11 @@ FLAGS = {
     "threads": ("threads", int, "torch threads (pin the process with taskset too)"),
     "dev-episodes": ("dev_episodes", int, "dev episodes evaluated at the end"),
     "read-window": ("read_window", int, "last history messages in the read prompt (the chat's window)"),
+    "read-notes": ("read_notes", float, "share of examples with BM25 notes of older messages in the read prompt"),
+    "write-cache-until": ("write_cache_until", float, "with --write-cache: share of the steps that use it"),
+    "distill": ("distill_weight", float, "weight of the context-distillation KL (teacher: backbone + the fact)"),
+    "distill-top-k": ("distill_top_k", int, "the teacher's top-k tokens (>= 64, renormalised) of the KL"),
+    "prompt-weight": ("prompt_weight", float, "weight of CE(wrong memory) where the prompt holds the answer"),
     "write": ("memory.write", str, "write strategy: token (TSW), segment (SSW) or multi (MSW)"),
     "rank": ("memory.rank", int, "r, the side of each memory state"),
     "forget-gate": ("memory.forget_gate", str, "tied (lambda = 1 - beta, the paper) or separate"),
@@ -78,7 +83,6 @@ def add_train_parser(commands) -> None:
         action="store_true",
         help="SSW: write from per-message layer inputs cached with the empty memory (docs/training.md)",
     )
-    p.add_argument("--read-notes", action="store_true", help="BM25 notes of older messages in the read prompt")
     p.add_argument(
         "--init-from",
         help="start from this adapter folder, or 'default' (the shipped default; while that is the identity, the "
@@ -113,8 +117,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["detach_backbone"] = False
     if getattr(args, "write_cache", False):
         values["write_cache"] = True
-    if getattr(args, "read_notes", False):
-        values["read_notes"] = True
     values["progress"] = not getattr(args, "no_progress", False) and os.environ.get("RANK", "0") == "0"
     return TrainConfig(memory=DeltaMemConfig(**memory), **values)
 

@@ -17,8 +17,9 @@ import json
 import random
 from dataclasses import dataclass
 
-from deltamem_agents.train.episodes import Episode, Question, Session
+from deltamem_agents.train.episodes import Episode, Question
 from deltamem_agents.train.filler import FillerSource
+from deltamem_agents.train.synthetic import turns_to_sessions
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -121,15 +122,7 @@ class ClosedFactEpisodes:
         # session cuts only inside the small talk (the facts open session 1)
         cut_range = list(range(len(facts) + 1, len(turns)))
         cuts = sorted(rng.sample(cut_range, min(sessions - 1, len(cut_range))))
-        bounds = [0, *cuts, len(turns)]
-        built, evidence = [], {}
-        for s in range(len(bounds) - 1):
-            messages = []
-            for user, assistant, fact in turns[bounds[s] : bounds[s + 1]]:
-                if fact is not None:
-                    evidence[fact] = (s, len(messages))
-                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-            built.append(Session(messages=tuple(messages), date=f"2024-0{1 + s}-0{1 + s}"))
+        built, evidence = turns_to_sessions(turns, [0, *cuts, len(turns)], lambda s: f"2024-0{1 + s}-0{1 + s}")
         questions = tuple(
             Question(question=t.question, answer=v, kind=t.kind, evidence=(evidence[i],))
             for i, (t, v) in enumerate(facts)

@@ -25,6 +25,8 @@ class LossParts:
     beta_mean: float
     write_seconds: float = 0.0
     read_seconds: float = 0.0
+    teacher_seconds: float = 0.0
+    distill: float | None = None
 
     @property
     def gap(self) -> float | None:
@@ -89,8 +91,9 @@ def _rewrite_layer(module, calls, inputs: list[torch.Tensor], empty: torch.Tenso
     return state
 
 
-def answer_losses(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tensor:
-    """Per-example mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,)."""
+def answer_logits(model, batch: Batch, states: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The logits at the answer positions, reading ``states`` with writes off: ``(logits (N, V), targets (N,),
+    rows (N,) the example of each answer token, first (N,) true at each example's first answer token)``."""
     cache = DeltaMemCache.from_states(model, states, writes=False)
     hidden = decoder_of(model)(
         input_ids=batch.read_ids, attention_mask=batch.read_mask.long(), cache=cache, use_cache=True
@@ -98,8 +101,26 @@ def answer_losses(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tens
     targets = batch.labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
     where = targets != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][where])  # (N, V), only answer positions
-    ce = F.cross_entropy(logits.float(), targets[where], reduction="none")  # (N,)
     rows = where.nonzero()[:, 0]  # (N,) example of each answer token
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]  # (N,)
+    return logits, targets[where], rows, first
+
+
+def first_token_hits(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tensor:
+    """Per example whether the argmax at the first answer position is the answer's first token: (B,) bool."""
+    logits, targets, rows, first = answer_logits(model, batch, states)
+    hits = torch.zeros(batch.size, dtype=torch.bool, device=logits.device)
+    return hits.index_copy(0, rows[first], logits[first].argmax(-1) == targets[first])
+
+
+def answer_losses(model, batch: Batch, states: list[torch.Tensor], keep: list | None = None) -> torch.Tensor:
+    """Per-example mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,).
+    ``keep``: a list that receives ``(logits (N, V), rows (N,))`` of the answer positions (for distillation)."""
+    logits, targets, rows, _ = answer_logits(model, batch, states)
+    if keep is not None:
+        keep.append((logits, rows))
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
     per_example = torch.zeros(batch.size, device=ce.device).index_add(0, rows, ce)
     counts = torch.zeros(batch.size, device=ce.device).index_add(0, rows, torch.ones_like(ce))
     return per_example / counts.clamp_min(1)  # (B,)
@@ -115,12 +136,21 @@ def batch_loss(
     margin: float = 1.0,
     control: bool = True,
     cached: tuple[torch.Tensor, torch.Tensor] | None = None,
+    prompt_weight: float = 1.0,
+    distill_weight: float = 0.0,
+    distill_top_k: int = 64,
 ) -> LossParts:
     """The training loss of one batch.
 
     loss = CE(answer | right memory) + gate_weight * mean_layers (mean beta - gate_target)^2
            + contrastive_weight * mean relu(margin + CE(right) - CE(wrong))
-    where "wrong" reads the memory of the next conversation in the batch (rolled by one). The wrong-memory CE is
+    where "wrong" reads the memory of the next conversation in the batch (rolled by one). For the examples whose
+    read prompt holds the answer (``batch.in_prompt``) the margin is replaced by ``prompt_weight * CE(wrong)``:
+    there the model must answer from the prompt whichever memory it reads. With ``distill_weight`` (needs
+    ``batch.teacher``) it adds ``distill_weight * KL(teacher || student)`` per answer token, mean over tokens:
+    the teacher is the frozen backbone (empty memory) reading the prompt WITH the fact-holding messages, the
+    student the right memory reading the prompt without them; both over the teacher's top ``distill_top_k``
+    tokens, renormalised (see :func:`distillation_kl`). The wrong-memory CE is
     computed whenever the batch has 2+ examples and ``control`` or the contrastive term asks for it; it is the
     control gap shown during training.
 
@@ -132,6 +162,7 @@ def batch_loss(
         states, betas = cached_write_pass(model, *cached)
     else:
         states, betas = write_pass(model, batch, detach_backbone)
+    keep: list = []
     write_seconds = time.perf_counter() - tick
     gate = torch.stack([(b - gate_target) ** 2 for b in betas]).mean()
     use_wrong = batch.size > 1 and (control or contrastive_weight > 0)
@@ -140,16 +171,33 @@ def batch_loss(
         wrong = [s.roll(1, dims=0) for s in states]
         if contrastive_weight == 0:
             wrong = [s.detach() for s in wrong]
-        ce_all = answer_losses(model, both, [torch.cat([s, w]) for s, w in zip(states, wrong)])  # (2B,)
+        ce_all = answer_losses(model, both, [torch.cat([s, w]) for s, w in zip(states, wrong)], keep)  # (2B,)
         ce, ce_wrong = ce_all[: batch.size], ce_all[batch.size :]
         if contrastive_weight == 0:
             ce_wrong = ce_wrong.detach()
     else:
-        ce, ce_wrong = answer_losses(model, batch, states), None
+        ce, ce_wrong = answer_losses(model, batch, states, keep), None
     loss = ce.mean() + gate_weight * gate
     read_seconds = time.perf_counter() - tick - write_seconds
+    teacher_seconds, distill = 0.0, None
+    if distill_weight > 0:
+        if batch.teacher is None:
+            raise ValueError("distillation needs the teacher's read tensors: encode the examples with teacher=True")
+        teacher_tick = time.perf_counter()
+        with torch.no_grad():
+            zeros = [torch.zeros_like(s) for s in states]  # the empty memory reads 0: the frozen backbone
+            teacher_logits, _, _, _ = answer_logits(model, batch.teacher, zeros)  # (N, V)
+        teacher_seconds = time.perf_counter() - teacher_tick
+        student_logits, rows = keep[0]
+        student_logits = student_logits[rows < batch.size]  # the right-memory read's answer tokens, in order
+        distill = distillation_kl(teacher_logits, student_logits, distill_top_k).mean()
+        loss = loss + distill_weight * distill
     if contrastive_weight > 0 and ce_wrong is not None:
-        loss = loss + contrastive_weight * F.relu(margin + ce - ce_wrong).mean()
+        in_prompt = batch.in_prompt if batch.in_prompt is not None else torch.zeros_like(ce, dtype=torch.bool)
+        hinge = F.relu(margin + ce - ce_wrong)  # (B,)
+        free = (~in_prompt).to(ce.dtype)  # (B,) the memory is the only source of the answer
+        loss = loss + contrastive_weight * (hinge * free).sum() / ce.shape[0]
+        loss = loss + prompt_weight * (ce_wrong * in_prompt.to(ce.dtype)).sum() / ce.shape[0]
     return LossParts(
         loss=loss,
         ce=float(ce.detach().mean()),
@@ -158,4 +206,19 @@ def batch_loss(
         beta_mean=float(torch.stack(betas).detach().mean()),
         write_seconds=write_seconds,
         read_seconds=read_seconds,
+        teacher_seconds=teacher_seconds,
+        distill=None if distill is None else float(distill.detach()),
     )
+
+
+def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, top_k: int = 64) -> torch.Tensor:
+    """Per answer token ``KL(p_teacher || p_student)`` over the teacher's top ``top_k`` tokens, both distributions
+    renormalised over those tokens: ``(N, V), (N, V) -> (N,)``."""
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher and student answer positions differ: {teacher_logits.shape} vs {student_logits.shape}"
+        )
+    top = teacher_logits.float().topk(min(top_k, teacher_logits.shape[-1]), dim=-1)  # (N, k)
+    log_p = F.log_softmax(top.values, dim=-1)  # (N, k)
+    log_q = F.log_softmax(student_logits.float().gather(-1, top.indices), dim=-1)  # (N, k)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)

@@ -285,6 +285,20 @@ def partition(items, seed: int, salt: str, held_out: float = 0.15) -> dict[str, 
     return {"test": items[:n], "dev": items[n : 2 * n], "train": items[2 * n :]}
 
 
+def turns_to_sessions(turns, bounds: list[int], date_of) -> tuple[list[Session], dict[int, tuple[int, int]]]:
+    """Sessions of (user, assistant, fact index or None) turns cut at ``bounds``, dated ``date_of(session)``;
+    and where each fact was stated: ``{fact: (session, message)}``."""
+    sessions, evidence = [], {}
+    for s in range(len(bounds) - 1):
+        messages = []
+        for user, assistant, fact in turns[bounds[s] : bounds[s + 1]]:
+            if fact is not None:
+                evidence[fact] = (s, len(messages))
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        sessions.append(Session(messages=tuple(messages), date=date_of(s)))
+    return sessions, evidence
+
+
 class SyntheticEpisodes:
     """Generator of synthetic episodes of one split.
 
@@ -331,15 +345,7 @@ class SyntheticEpisodes:
                 turns += [(u, a, None) for u, a in self.filler.sample(rng, rng.randint(0, 2))]
         turns += [(u, a, None) for u, a in self.filler.sample(rng, after)]
         cuts = sorted(rng.sample(range(1, len(turns)), min(n_sessions - 1, len(turns) - 1))) if len(turns) > 1 else []
-        bounds = [0, *cuts, len(turns)]
-        sessions, evidence = [], {}
-        for s in range(len(bounds) - 1):
-            messages = []
-            for user, assistant, fact in turns[bounds[s] : bounds[s + 1]]:
-                if fact is not None:
-                    evidence[fact] = (s, len(messages))
-                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-            sessions.append(Session(messages=tuple(messages), date=f"2024-0{1 + s}-1{s}"))
+        sessions, evidence = turns_to_sessions(turns, [0, *cuts, len(turns)], lambda s: f"2024-0{1 + s}-1{s}")
         questions = tuple(
             Question(question=a.question, answer=v, kind=a.kind, evidence=(evidence[i],))
             for i, (a, v) in enumerate(facts)

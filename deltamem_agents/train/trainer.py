@@ -29,6 +29,18 @@ class TrainConfig(BaseModel):
 
     ``curriculum`` is a list of ``(level, fraction of the steps)`` stages of synthetic episodes (see
     ``deltamem_agents.train.synthetic``); ``data`` replaces the synthetic episodes with a JSONL file.
+
+    ``write_cache`` (SSW only) runs the write pass from per-message layer inputs cached with the empty memory
+    (``deltamem_agents.train.write_cache``: exact for the first message, an approximation after it that drifts
+    as the corrections grow; it implies the detached backbone) for the first ``write_cache_until`` share of the
+    steps, the exact write pass after them. ``read_window`` puts the last messages of the history into the read
+    prompt, and
+    ``read_notes`` is the share of examples whose read prompt also holds the BM25 notes of the older messages,
+    as the chat's read prompt does. Where the read prompt holds the answer the contrastive term is off and
+    ``prompt_weight`` x CE(answer | wrong memory) is added instead: with another conversation's memory the model
+    must still follow its prompt (do no harm). ``distill_weight`` adds context distillation (``batch_loss``):
+    KL to the frozen backbone that reads the fact-holding messages in its prompt, over its top
+    ``distill_top_k`` tokens renormalised; the teacher runs once per example seen, without gradients.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -49,8 +61,12 @@ class TrainConfig(BaseModel):
     curriculum: list[tuple[int, float]] = [(0, 0.3), (1, 0.4), (2, 0.3)]
     detach_backbone: bool = True
     write_cache: bool = False
+    write_cache_until: float = Field(1.0, ge=0, le=1)
     read_window: int = Field(0, ge=0)
-    read_notes: bool = False
+    read_notes: float = Field(0.0, ge=0, le=1)
+    prompt_weight: float = Field(1.0, ge=0)
+    distill_weight: float = Field(0.0, ge=0)
+    distill_top_k: int = Field(64, ge=64)
     gate_weight: float = 0.01
     gate_target: float = 0.05
     contrastive_weight: float = 0.5
@@ -108,7 +124,8 @@ def training_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
                     config.system_prompt,
                     config.max_write_tokens,
                     window=config.read_window,
-                    notes=config.read_notes,
+                    notes=config.read_notes > 0 and rng.random() < config.read_notes,
+                    teacher=config.distill_weight > 0,
                 )
             )
         while len(examples) < steps * per_step:  # a small data file is repeated
@@ -175,7 +192,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                 examples = batches[step * config.accumulation + micro]
                 batch = collate(examples, pad).to(device)
                 cached = None
-                if cache is not None:
+                if cache is not None and step < config.write_cache_until * config.steps:
                     before = cache.seconds
                     cache.fill(model, examples, pad)
                     cache_seconds += cache.seconds - before
@@ -188,6 +205,9 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                     gate_target=config.gate_target,
                     contrastive_weight=config.contrastive_weight,
                     margin=config.margin,
+                    prompt_weight=config.prompt_weight,
+                    distill_weight=config.distill_weight,
+                    distill_top_k=config.distill_top_k,
                     cached=cached,
                 )
                 backward_tick = time.monotonic()
@@ -215,6 +235,10 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                 "read_s": sum(p.read_seconds for p in parts_list),
                 "backward_s": backward_seconds,
                 "cache_s": cache_seconds,
+                "teacher_s": sum(p.teacher_seconds for p in parts_list),
+                "distill": None
+                if parts_list[0].distill is None
+                else sum(p.distill for p in parts_list) / len(parts_list),
             }
             state["history"].append(record)
             state["step"] = step + 1
