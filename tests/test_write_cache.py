@@ -26,7 +26,9 @@ def multi_message_episodes(count):
     for i in range(count):
         msgs = [{"role": "user", "content": f"k={'abcdefgh'[i % 8]}"}, {"role": "assistant", "content": "ok"}]
         msgs += [{"role": "user", "content": "hi there" * (1 + i % 3)}, {"role": "assistant", "content": "yes"}]
-        episodes.append(Episode(f"m{i}", (Session(tuple(msgs)),), (Question("k?", "abcdefgh"[i % 8], evidence=((0, 0),)),)))
+        episodes.append(
+            Episode(f"m{i}", (Session(tuple(msgs)),), (Question("k?", "abcdefgh"[i % 8], evidence=((0, 0),)),))
+        )
     return episodes
 
 
