@@ -108,6 +108,8 @@ def test_runner_uses_own_and_other_memory_and_resumes_from_cache(tmp_path, monke
     seen.clear()
     again = runner.evaluate(model, tokenizer, "toy", convs, methods, tmp_path, max_new_tokens=2, system_prompt="m")
     assert seen == [] and again == records  # everything came from the per-conversation cache
+    longer = runner.evaluate(model, tokenizer, "toy", convs, methods, tmp_path, max_new_tokens=3, system_prompt="m")
+    assert len(seen) == 18 and {r["max_new_tokens"] for r in longer} == {3}  # other decoding: answered anew
 
 
 def test_report_tables_and_paired_differences(tmp_path):

@@ -1,5 +1,6 @@
 """Run methods over a task with per-conversation result caching (a stopped evaluation resumes where it left off)."""
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -50,8 +51,9 @@ def evaluate(
 ) -> list[dict]:
     """Answer every (limited) question of every conversation with every method; one record per answer.
 
-    Results are cached per (task, method, conversation) as JSON under ``out_dir``; δ-mem methods key the cache
-    by the adapter fingerprint, states by conversation. Returns all records (cached and new).
+    Results are cached per (task, method, conversation, answer settings: decoding, window, prompt cap, system
+    prompt, question subset) as JSON under ``out_dir``; δ-mem methods also key the cache by the adapter
+    fingerprint, states by conversation. Returns all records (cached and new).
     """
     out_dir = Path(out_dir)
     unknown = sorted(set(methods) - set(METHODS))
@@ -64,6 +66,16 @@ def evaluate(
     engine = MemoryEngine(model, tokenizer)  # without an adapter: zero-init memory, read only as the empty state
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     decoding_record = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "stop": list(settings.stop)}
+    # every setting that changes an answer is part of the cache key, so a run with other settings never reuses
+    # another run's answers
+    answer_settings = {
+        **decoding_record,
+        "window": window,
+        "max_prompt_tokens": max_prompt_tokens,
+        "system_prompt": system_prompt,
+        "questions_per_conversation": questions_per_conversation,
+    }
+    settings_key = hashlib.sha256(json.dumps(answer_settings, sort_keys=True).encode()).hexdigest()[:12]
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -93,7 +105,7 @@ def evaluate(
             questions = _subset(conversation.questions, questions_per_conversation)
             for name in methods:
                 method = METHODS[name]
-                key = f"{name}-{fingerprint}" if method.memory else name
+                key = f"{name}-{fingerprint}-{settings_key}" if method.memory else f"{name}-{settings_key}"
                 path = out_dir / task / key / f"{_safe(conversation.id)}.json"
                 if path.is_file():
                     records += json.loads(path.read_text())
