@@ -77,3 +77,23 @@ def test_training_levels():
         gen.train_episodes(1, level=9)
     with pytest.raises(ValueError, match="split"):
         closed_facts.ClosedFactEpisodes("dev")
+
+
+def test_varied_training_phrasings_share_nothing_distinctive_with_the_test_wording():
+    varied = closed_facts.VARIED_TRAIN_TEMPLATES
+    assert len({(t.statement, t.question) for t in varied}) == len(varied) >= 400
+    assert {t.kind for t in varied} == set(KINDS)
+    test_phrases = (
+        "backpack", "kitchen", "scarf", "grandmother", "piano", "farmers", "dentist", "gym", "parcel", "concert",
+        "neighbour", "kids", "company", "just so you know", "remind me", "from now on", "write down", "only runs",
+        "booked", "finally", "given",
+    )  # fmt: skip
+    for template in varied:
+        text = f"{template.statement} {template.question}".lower()
+        assert "{v}" in template.statement and "{" not in template.question
+        assert not [p for p in test_phrases if p in text], template
+    episodes = ClosedFactEpisodes("train", templates="varied").train_episodes(40, 2, seed=3)
+    used = {m["content"] for e in episodes for m in e.history()}
+    assert len(used & {t.statement.format(v=v) for t in varied for v in ("red", "Monday", "dog")}) > 5
+    with pytest.raises(ValueError, match="train split only"):
+        ClosedFactEpisodes("test", templates="varied")

@@ -31,6 +31,7 @@ FLAGS = {
     "split-seed": ("split_seed", int, "seed of the synthetic train/dev/test split"),
     "contrastive": ("contrastive_weight", float, "weight of the right-vs-wrong-memory margin term"),
     "margin": ("margin", float, "margin of the contrastive term, in nats"),
+    "first-token-weight": ("first_token_weight", float, "weight of each answer's first token in its CE (1 = mean)"),
     "gate-weight": ("gate_weight", float, "weight of the write-gate regulariser"),
     "max-write-tokens": ("max_write_tokens", int, "longest history written (oldest messages dropped)"),
     "dtype": ("dtype", str, "float32 or bfloat16"),

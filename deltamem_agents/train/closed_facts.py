@@ -80,6 +80,92 @@ TEST_TEMPLATES = (
     _t("number", "The parcel locker I was given is number {v}.", "Which parcel locker number was I given?"),
     _t("number", "My seat for the concert is {v}.", "What is my seat number for the concert?"),
 )
+
+
+def _composed(kind, things, statements, questions):
+    """Every statement frame x question frame x thing: ``{t}`` is the thing, ``{v}`` the value's slot."""
+    return tuple(
+        _t(kind, s.replace("{t}", thing), q.replace("{t}", thing))
+        for thing in things
+        for s in statements
+        for q in questions
+    )
+
+
+# Training phrasings composed from many things and frames (``--templates varied``), for transfer to wordings
+# training never sees. None of the test templates' things (backpack, kitchen walls, scarf, piano lessons,
+# farmers' market, dentist, gym code, parcel locker, concert seat, a pet kept for a neighbour or begged for by
+# kids) or frames ("just so you know", "remind me", "from now on", "write down", ...) is used;
+# tests/test_closed_facts.py checks it.
+VARIED_TRAIN_TEMPLATES = (
+    *_composed(
+        "colour",
+        (
+            "car",
+            "bike",
+            "umbrella",
+            "mug",
+            "jacket",
+            "sofa",
+            "tent",
+            "kayak",
+            "phone case",
+            "raincoat",
+            "notebook",
+            "suitcase",
+            "helmet",
+            "wallet",
+            "lamp",
+            "hat",
+        ),
+        ("My {t} is {v}.", "The {t} I own is {v}.", "I went with {v} for my new {t}.", "Fun fact: my {t} is {v}."),
+        ("What colour is my {t}?", "Which colour is the {t} I own?", "Do you know what colour my {t} is?"),
+    ),
+    *_composed(
+        "weekday",
+        (
+            "yoga class",
+            "swimming lesson",
+            "book club",
+            "team meeting",
+            "football practice",
+            "laundry day",
+            "chess club",
+            "pottery class",
+            "choir rehearsal",
+            "movie night",
+            "karate class",
+            "cleaning day",
+        ),
+        ("My {t} is on {v}.", "I always have {t} on {v}.", "We moved my {t} to {v}.", "Every {v} is my {t}."),
+        ("Which day is my {t}?", "On which day is my {t}?", "When do I have my {t}?"),
+    ),
+    *_composed(
+        "pet",
+        ("my brother", "my aunt", "my best friend", "my roommate", "my grandfather", "my son", "my boss", "my cousin"),
+        ("These days {t} has a pet {v}.", "It turns out {t} recently got a {v}.", "At home {t} looks after a {v}."),
+        ("What pet does {t} have?", "What kind of animal does {t} have?", "Which animal does {t} look after?"),
+    ),
+    *_composed(
+        "number",
+        (
+            "locker number",
+            "house number",
+            "hotel room number",
+            "bus number",
+            "ticket number",
+            "desk number",
+            "order number",
+            "table number",
+            "flight number",
+            "apartment number",
+            "badge number",
+            "platform number",
+        ),
+        ("My {t} is {v}.", "The {t} I got is {v}.", "For the record, my {t} is {v}.", "I was told my {t} is {v}."),
+        ("What is my {t}?", "Which {t} do I have?", "Do you know my {t}?"),
+    ),
+)
 KINDS = ("colour", "weekday", "pet", "number")
 ACKS = ("Got it, I'll remember that.", "Noted!", "Thanks for telling me.", "Okay, good to know.")
 TEST_ACKS = ("Understood.", "All right, noted down.", "Sure, I have that.")
@@ -103,11 +189,16 @@ def _pick(rng: random.Random, spec):
 class ClosedFactEpisodes:
     """Generator of closed-fact episodes with the ``train`` or the ``test`` templates and small talk."""
 
-    def __init__(self, split: str = "train", use_chitchat: bool = True):
+    def __init__(self, split: str = "train", use_chitchat: bool = True, templates: str = "base"):
+        """``templates``: ``base`` (:data:`TRAIN_TEMPLATES`) or ``varied`` (:data:`VARIED_TRAIN_TEMPLATES`, train
+        only); the test split always uses :data:`TEST_TEMPLATES`."""
         if split not in ("train", "test"):
             raise ValueError(f"closed-fact split must be 'train' or 'test', got {split!r}")
+        if templates not in ("base", "varied") or (split == "test" and templates != "base"):
+            raise ValueError(f"templates must be 'base' or 'varied' (train split only), got {templates!r}")
         self.split = split
-        self.templates = TRAIN_TEMPLATES if split == "train" else TEST_TEMPLATES
+        train = TRAIN_TEMPLATES if templates == "base" else VARIED_TRAIN_TEMPLATES
+        self.templates = train if split == "train" else TEST_TEMPLATES
         self.acks = ACKS if split == "train" else TEST_ACKS
         self.filler = FillerSource(split, 0, use_chitchat)
 

@@ -114,16 +114,22 @@ def first_token_hits(model, batch: Batch, states: list[torch.Tensor]) -> torch.T
     return hits.index_copy(0, rows[first], logits[first].argmax(-1) == targets[first])
 
 
-def answer_losses(model, batch: Batch, states: list[torch.Tensor], keep: list | None = None) -> torch.Tensor:
-    """Per-example mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,).
-    ``keep``: a list that receives ``(logits (N, V), rows (N,))`` of the answer positions (for distillation)."""
-    logits, targets, rows, _ = answer_logits(model, batch, states)
+def answer_losses(
+    model, batch: Batch, states: list[torch.Tensor], keep: list | None = None, first_weight: float = 1.0
+) -> torch.Tensor:
+    """Per-example weighted mean cross-entropy on the answer tokens, reading ``states`` with writes off: (B,).
+
+    Each example's first answer token weighs ``first_weight``, the others 1 (1 = the plain mean; the first
+    token is where a closed-set value is decided). ``keep``: a list that receives ``(logits (N, V), rows (N,))``
+    of the answer positions (for distillation)."""
+    logits, targets, rows, first = answer_logits(model, batch, states)
     if keep is not None:
         keep.append((logits, rows))
     ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
-    per_example = torch.zeros(batch.size, device=ce.device).index_add(0, rows, ce)
-    counts = torch.zeros(batch.size, device=ce.device).index_add(0, rows, torch.ones_like(ce))
-    return per_example / counts.clamp_min(1)  # (B,)
+    weights = torch.where(first, first_weight, 1.0).to(ce.dtype)  # (N,)
+    per_example = torch.zeros(batch.size, device=ce.device).index_add(0, rows, ce * weights)
+    totals = torch.zeros(batch.size, device=ce.device).index_add(0, rows, weights)
+    return per_example / totals.clamp_min(1e-12)  # (B,)
 
 
 def batch_loss(
@@ -139,6 +145,7 @@ def batch_loss(
     prompt_weight: float = 1.0,
     distill_weight: float = 0.0,
     distill_top_k: int = 64,
+    first_weight: float = 1.0,
 ) -> LossParts:
     """The training loss of one batch.
 
@@ -171,12 +178,14 @@ def batch_loss(
         wrong = [s.roll(1, dims=0) for s in states]
         if contrastive_weight == 0:
             wrong = [s.detach() for s in wrong]
-        ce_all = answer_losses(model, both, [torch.cat([s, w]) for s, w in zip(states, wrong)], keep)  # (2B,)
+        ce_all = answer_losses(
+            model, both, [torch.cat([s, w]) for s, w in zip(states, wrong)], keep, first_weight
+        )  # (2B,)
         ce, ce_wrong = ce_all[: batch.size], ce_all[batch.size :]
         if contrastive_weight == 0:
             ce_wrong = ce_wrong.detach()
     else:
-        ce, ce_wrong = answer_losses(model, batch, states, keep), None
+        ce, ce_wrong = answer_losses(model, batch, states, keep, first_weight), None
     loss = ce.mean() + gate_weight * gate
     read_seconds = time.perf_counter() - tick - write_seconds
     teacher_seconds, distill = 0.0, None

@@ -41,6 +41,7 @@ class TrainConfig(BaseModel):
     must still follow its prompt (do no harm). ``distill_weight`` adds context distillation (``batch_loss``):
     KL to the frozen backbone that reads the fact-holding messages in its prompt, over its top
     ``distill_top_k`` tokens renormalised; the teacher runs once per example seen, without gradients.
+    ``first_token_weight`` weighs each answer's first token in its CE (and so in the margin); 1 is the mean.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -71,6 +72,7 @@ class TrainConfig(BaseModel):
     gate_target: float = 0.05
     contrastive_weight: float = 0.5
     margin: float = 1.0
+    first_token_weight: float = Field(1.0, gt=0)
     system_prompt: str = SYSTEM_PROMPT
     max_write_tokens: int = 1024
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -208,6 +210,7 @@ def train(config: TrainConfig, model=None, tokenizer=None, resume: bool = False,
                     prompt_weight=config.prompt_weight,
                     distill_weight=config.distill_weight,
                     distill_top_k=config.distill_top_k,
+                    first_weight=config.first_token_weight,
                     cached=cached,
                 )
                 backward_tick = time.monotonic()
