@@ -16,6 +16,21 @@ from deltamem_agents.train.batching import collate, encode_example
 from deltamem_agents.train.closed_facts import closed_facts_test
 from deltamem_agents.train.objective import answer_losses, first_token_hits, write_pass
 
+
+def scores(model, batch, states):
+    """Per example the answer CE and whether the first answer token is the argmax, from one read pass."""
+    keep = []
+    ce = answer_losses(model, batch, states, keep)  # (B,)
+    logits, rows = keep[0]
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]  # (N,) each example's first answer position
+    targets = batch.labels[:, 1:][batch.labels[:, 1:] != -100]  # (N,)
+    hits = torch.zeros(batch.size, dtype=torch.bool).index_copy(
+        0, rows[first], logits[first].argmax(-1) == targets[first]
+    )
+    return ce.tolist(), hits.tolist()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("adapter")
@@ -37,14 +52,16 @@ if __name__ == "__main__":
                 if batch.size < 2:
                     continue
                 states, _ = write_pass(model, batch, detach_backbone=True)
-                right += answer_losses(model, batch, states).tolist()
-                other = [s.roll(1, dims=0) for s in states]
-                wrong += answer_losses(model, batch, other).tolist()
-                hit_right += first_token_hits(model, batch, states).tolist()
-                hit_wrong += first_token_hits(model, batch, other).tolist()
-                zeros = [torch.zeros_like(s) for s in states]  # the empty memory reads 0: the backbone
-                empty_ce += answer_losses(model, batch, zeros).tolist()
-                hit_empty += first_token_hits(model, batch, zeros).tolist()
+                for (ce, hits), (ces, hit_list) in (
+                    (scores(model, batch, states), (right, hit_right)),
+                    (scores(model, batch, [s.roll(1, dims=0) for s in states]), (wrong, hit_wrong)),
+                ):
+                    ces += ce
+                    hit_list += hits
+                if args.notes:  # the empty memory reads 0: the backbone (the same for every adapter without notes)
+                    zeros = [torch.zeros_like(s) for s in states]
+                    empty_ce += answer_losses(model, batch, zeros).tolist()
+                    hit_empty += first_token_hits(model, batch, zeros).tolist()
     n = len(right)
     print(
         json.dumps(
@@ -56,8 +73,8 @@ if __name__ == "__main__":
                 "right_better_share": sum(r < w for r, w in zip(right, wrong)) / n,
                 "first_token_acc_right": sum(hit_right) / n,
                 "first_token_acc_wrong": sum(hit_wrong) / n,
-                "ce_empty_memory": sum(empty_ce) / n,
-                "first_token_acc_empty_memory": sum(hit_empty) / n,
+                "ce_empty_memory": sum(empty_ce) / n if empty_ce else None,
+                "first_token_acc_empty_memory": sum(hit_empty) / n if hit_empty else None,
                 "notes": args.notes,
             }
         )
