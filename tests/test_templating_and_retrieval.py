@@ -53,3 +53,37 @@ def test_notes_match_the_query_within_the_cap():
     assert sum(count(n.text) for n in capped) <= 5 and capped[0].position == 0
     assert retrieve_notes(history, "the and of", count) == []
     assert words("The Blender, 4417!") == ["blender", "4417"]
+
+
+def test_notes_hold_what_the_user_said_and_the_window_starts_with_a_user_message():
+    from deltamem_agents.serving.turn_plan import WindowPolicy, plan_chat_turn
+
+    chat = [
+        {"role": "user", "content": "my blender arrived cracked"},
+        {"role": "assistant", "content": "the blender is cracked, the blender is cracked"},
+        {"role": "tool", "content": "order 4417: blender, shipped"},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "fine"},
+        {"role": "user", "content": "what about the blender?"},
+    ]
+    ids = [str(i) for i in range(len(chat))]
+    count = lambda text: len(text.split())  # noqa: E731
+    default = plan_chat_turn(chat, ids, (), WindowPolicy(messages=2), count)
+    assert default.notes == ["user: my blender arrived cracked"]  # not the assistant's reply, not the old result
+    every = WindowPolicy(messages=2, note_roles=("user", "assistant", "tool"), start_on_user=False)
+    free = plan_chat_turn(chat, ids, (), every, count)
+    assert "assistant: the blender is cracked, the blender is cracked" in free.notes
+    assert "tool: order 4417: blender, shipped" in free.notes
+    assert len(default.to_write) == len(free.to_write) == 5  # the memory still gets every older message
+    assert [m["content"] for m in free.prompt[1:]] == ["fine", "what about the blender?"]
+    assert [m["content"] for m in default.prompt[1:]] == ["what about the blender?"]  # "fine" lost its request
+    wider = plan_chat_turn(chat, ids, (), WindowPolicy(messages=3), count)
+    assert [m["content"] for m in wider.prompt[1:]] == ["ok", "fine", "what about the blender?"]
+
+
+def test_reply_only_instructions_are_empty():
+    from deltamem_agents.serving.tool_grammar import instructions, tool_specs
+
+    assert instructions([], True) == ""  # a reply alone: the grammar writes its envelope, nothing to explain
+    with_tool = instructions(tool_specs([{"name": "lookup", "description": "find it"}]), True)
+    assert "- lookup(): find it" in with_tool and "To call a tool" in with_tool

@@ -184,13 +184,14 @@ def test_result_copy_bias_pulls_the_reply_toward_the_tool_result(engine):
 
     call = {"name": "lookup_ticket", "args": {"ticket_id": 4}, "id": "c1", "type": "tool_call"}
     history = [HumanMessage("ticket 4?"), AIMessage("", tool_calls=[call]), ToolMessage("zq", tool_call_id="c1")]
-    chat = DeltaMemChat(engine=engine, max_new_tokens=40, result_copy_bias=1e4)
-    bound = chat.bind_tools([lookup_ticket], tool_choice="none")
-    with Script(engine, '{"action": "reply", "text": "ab"}'):
-        reply = bound.invoke(history)
-    assert reply.content and set(reply.content) <= set("zq")  # the reply text draws only on the result's tokens
-    with Script(engine, '{"action": "reply", "text": "ab"}'):
-        assert chat.bind_tools([lookup_ticket], tool_choice="none").invoke(history[:1]).content == "ab"  # no result
+    chat = DeltaMemChat(engine=engine, max_new_tokens=40, result_copy_bias=1e4, repetition=None)
+    for envelope, script in ((True, '{"action": "reply", "text": "ab"}'), (False, "ab")):
+        bound = chat.model_copy(update={"reply_envelope": envelope}).bind_tools([lookup_ticket], tool_choice="none")
+        with Script(engine, script):
+            reply = bound.invoke(history)
+        assert reply.content and set(reply.content) <= set("zq")  # the reply text draws only on the result's tokens
+        with Script(engine, script):
+            assert bound.invoke(history[:1]).content == "ab"  # no result, no bias
 
 
 def test_the_chosen_action_is_decoded_with_its_own_instructions_only(engine, monkeypatch):
@@ -271,3 +272,60 @@ def test_a_span_value_opens_with_the_bare_quote():
     logits[8] = 5.0  # ", 11" is no span start
     state.adjust(logits)
     assert int(logits.argmax()) == 5 and torch.isfinite(logits).sum() == 1  # "Wed" starts "Wednesday"
+
+
+def test_a_span_value_closes_at_the_end_of_the_source_after_its_full_stop():
+    from deltamem_agents.serving.span_copy import SpanCopy
+
+    class WordTokens:  # a span that reaches the request's final "." can only close (it once ran on freely)
+        vocab = ['{"', "title", '":', ' "', "Fix", " it", ".", '"', " Please", " again"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids)
+
+    tokenizer = WordTokens()
+
+    def allowed_after(source, tokens):
+        state = SpanCopy(source, frozenset({"title"}), tokenizer).start()
+        produced = []
+        for token in tokens:
+            produced.append(token)
+            state.observe(token, produced, tokenizer.decode(produced))
+        logits = torch.zeros(len(tokenizer))
+        state.adjust(logits)
+        return {tokenizer.vocab[i] for i in torch.isfinite(logits).nonzero().flatten().tolist()}
+
+    closers = {t for t in tokenizer.vocab if t.startswith('"')}  # the grammar picks the JSON-valid one
+    assert allowed_after("Fix it.", [0, 1, 2, 3, 4, 5, 6]) == closers  # '"Fix it.' : the source ends, close
+    assert allowed_after("Fix it. Please", [0, 1, 2, 3, 4, 5, 6]) == closers | {" Please"}  # end here or go on
+    assert allowed_after("Fix it.x", [0, 1, 2, 3, 4, 5, 6]) == closers  # nothing continues the span: close
+    assert allowed_after("Fixit.", [0, 1, 2, 3, 4]) == closers  # nothing in the vocabulary continues "Fix"
+
+
+def test_a_reply_alone_is_plain_text_decoded_without_tool_or_json_instructions(engine, monkeypatch):
+    rendered = []
+    real = engine.render_prompt
+    monkeypatch.setattr(engine, "render_prompt", lambda messages: rendered.append(messages) or real(messages))
+    chat = DeltaMemChat(engine=engine, max_new_tokens=80, tool_scoring="likelihood", reply_bias=1e6)
+    conversation = [SystemMessage("be nice"), HumanMessage("hello")]
+    with Script(engine, "-hi there"):  # the choice's one scoring forward takes the first scripted step
+        reply = chat.bind_tools([lookup_ticket]).invoke(conversation)
+    assert reply.response_metadata["tool_choice"]["action"] == "reply" and reply.content == "hi there"
+    assert rendered[-1][0] == {"role": "system", "content": "be nice"}  # the conversation's system message only
+    with Script(engine, "hi there"):
+        assert chat.bind_tools([lookup_ticket], tool_choice="none").invoke(conversation).content == "hi there"
+    assert rendered[-1][0] == {"role": "system", "content": "be nice"}
+    enveloped = chat.model_copy(update={"reply_envelope": True}).bind_tools([lookup_ticket], tool_choice="none")
+    with Script(engine, "hi there"):  # inside the envelope the grammar writes its head: the model cannot say this
+        assert enveloped.invoke(conversation).content != "hi there"
+    with Script(engine, '{"action": "reply", "text": "hi there"}'):
+        assert enveloped.invoke(conversation).content == "hi there"
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    call = {"name": "lookup_ticket", "args": {"ticket_id": 4}, "id": "c1", "type": "tool_call"}
+    after_call = [*conversation, AIMessage("", tool_calls=[call]), ToolMessage("open", tool_call_id="c1")]
+    with Script(engine, '{"action": "reply", "text": "it is open"}'):  # after a call: the envelope, not a copy
+        assert chat.bind_tools([lookup_ticket], tool_choice="none").invoke(after_call).content == "it is open"

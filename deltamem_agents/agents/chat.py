@@ -106,6 +106,10 @@ class DeltaMemChat(BaseChatModel):
         reply under ``auto``) by its own log-likelihood, then decodes the envelope of the best one under the
         grammar (it still writes the arguments or the reply). ``"grammar"``: the model picks the action while
         decoding the envelope. ``reply_bias`` is added to the reply's score.
+      - ``note_roles``: the roles whose older messages BM25 recall may put in the prompt as notes (``recall=
+        "latent+retrieval"``); by default the user's only (not the assistant's own replies, which a small model
+        copies, nor old tool results, which go stale). ``window_starts_on_user``: the window's first message is a
+        user message (an older reply or call whose request fell out of the window is left out with it).
       - ``value_providers``: ``{tool name: {argument: provider}}``; each turn ``provider(config)`` (the run's
         RunnableConfig) returns the values that argument may take now, and the grammar admits only those; a
         tool with a provider that returns nothing is not offered that turn.
@@ -119,6 +123,11 @@ class DeltaMemChat(BaseChatModel):
         string argument (no enum) of every bound tool (the embedded backbone's default; ``{}`` turns it off: a
         value that is not in the request, such as a date for "tomorrow", cannot be written then). The model still
         picks the span.
+      - ``reply_envelope``: with tools bound, a reply that is the only action left (``tool_choice="none"``, or the
+        likelihood choice picked the reply) is decoded as plain text, as earlier replies appear in the prompt
+        (False, the default), or inside the JSON envelope (True). Inside the envelope the 135M model wrote "This
+        is a JSON object that contains ..." to a thank-you. Where the prompt shows an earlier tool call (the
+        answer after a tool round) the envelope is used either way: as plain text the model copied the call.
       - ``result_copy_bias``: after a tool result, added to the logits of the result's tokens while the reply
         text is decoded, so the reply restates what the tool said (the model still writes it).
     """
@@ -132,6 +141,8 @@ class DeltaMemChat(BaseChatModel):
     window_tokens: int = 768
     recall: Literal["latent", "latent+retrieval"] = "latent+retrieval"
     notes_tokens: int = 192
+    note_roles: tuple[str, ...] = ("user",)
+    window_starts_on_user: bool = True
     max_new_tokens: int = Field(160, alias="max_tokens", gt=0)
     temperature: float | None = None
     top_p: float | None = None
@@ -148,6 +159,7 @@ class DeltaMemChat(BaseChatModel):
     copy_bias: float = 0.0
     span_arguments: dict[str, list[str]] | Literal["strings"] = Field(default_factory=dict)
     result_copy_bias: float = 0.0
+    reply_envelope: bool = False
     streaming: bool = False  # LangChain's convention; tokens reach callbacks' on_llm_new_token either way
 
     @classmethod
@@ -194,7 +206,14 @@ class DeltaMemChat(BaseChatModel):
 
     @property
     def window(self) -> WindowPolicy:
-        return WindowPolicy(self.window_messages, self.window_tokens, self.recall, self.notes_tokens)
+        return WindowPolicy(
+            self.window_messages,
+            self.window_tokens,
+            self.recall,
+            self.notes_tokens,
+            note_roles=self.note_roles,
+            start_on_user=self.window_starts_on_user,
+        )
 
     def forget(self, thread_id: str) -> int:
         """Forget a thread: drop its references in :attr:`store` and every memory state that no other thread
@@ -309,15 +328,16 @@ class DeltaMemChat(BaseChatModel):
                 # the envelope is decoded with the chosen action's instructions only (nothing else is allowed)
                 narrowed = _with_system_text(_without(plan.prompt, extra), instructions(decode_specs, decode_reply))
                 prompt_ids = self.engine.render_prompt(narrowed)
-            schema = envelope_schema(decode_specs, decode_reply)
-            grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
+            if decode_specs or self.reply_envelope or _shows_a_call(plan.prompt):  # else a reply alone is plain text
+                schema = envelope_schema(decode_specs, decode_reply)
+                grammar = compile_envelope(self.engine.tokenizer, self.engine.model.config.vocab_size, schema)
         else:
             decode_specs = []
         request = _newest_user_text(messages)
         tokenizer = self.engine.tokenizer
         copy_tokens = _copy_tokens(tokenizer, request) if grammar else ()
         spans = frozenset(self._span_arguments(decode_specs)) if grammar else frozenset()
-        result = messages[-1].text if grammar is not None and isinstance(messages[-1], ToolMessage) else ""
+        result = messages[-1].text if kwargs.get("tools") and isinstance(messages[-1], ToolMessage) else ""
         result_tokens = tuple(tokenizer(result, add_special_tokens=False)["input_ids"]) if result else ()
         turn = _Turn(state, prompt_ids, grammar, specs, tokens_written, plan.notes, choice, copy_tokens)
         return dataclasses.replace(turn, request=request, span_arguments=spans, result_tokens=result_tokens)
@@ -365,8 +385,9 @@ class DeltaMemChat(BaseChatModel):
             )
         if under_grammar and self.copy_bias and copy_tokens:
             controls.append(CopyBias(frozenset(copy_tokens), self.copy_bias, after=ARGUMENTS_HEAD))
-        if under_grammar and self.result_copy_bias and turn.result_tokens:
-            controls.append(CopyBias(frozenset(turn.result_tokens), self.result_copy_bias, after=REPLY_HEAD))
+        if turn is not None and self.result_copy_bias and turn.result_tokens:  # the reply text (plain or enveloped)
+            head = REPLY_HEAD if under_grammar else ""
+            controls.append(CopyBias(frozenset(turn.result_tokens), self.result_copy_bias, after=head))
         return GenerationSettings(
             controls=tuple(controls),
             max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),
@@ -524,6 +545,13 @@ def _without(prompt: list[dict], extra: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + prompt[1:]
 
 
+def _shows_a_call(prompt: list[dict]) -> bool:
+    """Whether the prompt holds an earlier tool call (an envelope in an assistant message). A reply decoded as
+    plain text after one copies its form (``{"action": "create_ticket", ...}`` as the reply's text), so there the
+    reply is decoded inside the envelope."""
+    return any(m["role"] == "assistant" and '{"action": "' in m["content"] for m in prompt)
+
+
 def _copy_tokens(tokenizer, text: str) -> tuple[int, ...]:
     """The tokens of ``text`` as it stands and of each of its words alone: inside a JSON string a value starts
     right after the quote, without the space that precedes the word in the text (" progress" vs "progress")."""
@@ -534,7 +562,9 @@ def _copy_tokens(tokenizer, text: str) -> tuple[int, ...]:
 
 
 def _with_system_text(prompt: list[dict], text: str) -> list[dict]:
-    """The prompt with ``text`` after its system message (a new system message if it has none)."""
+    """The prompt with ``text`` after its system message (a new system message if it has none; no text: as is)."""
+    if not text:
+        return prompt
     if prompt and prompt[0]["role"] == "system":
         return [{"role": "system", "content": prompt[0]["content"] + "\n\n" + text}, *prompt[1:]]
     return [{"role": "system", "content": text}, *prompt]

@@ -105,9 +105,9 @@ def _repeats_a_sentence(text: str) -> bool:
 @dataclass(frozen=True)
 class CopyBias:
     """Adds ``bonus`` to the logits of ``tokens`` (the ids of the user's newest message) once the decoded text
-    contains ``after`` (the start of a tool call's arguments): a small model then copies the numbers and names
-    the user stated instead of inventing them. The grammar still decides what is valid and the model still
-    chooses; ``bonus`` 0 turns it off."""
+    contains ``after`` (the start of a tool call's arguments; "" = from the first token): a small model then
+    copies the numbers and names the user stated instead of inventing them. The grammar still decides what is
+    valid and the model still chooses; ``bonus`` 0 turns it off."""
 
     tokens: frozenset[int]
     bonus: float = 2.0
@@ -120,7 +120,7 @@ class CopyBias:
 class _CopyState:
     def __init__(self, settings: CopyBias):
         self.settings = settings
-        self.active = False
+        self.active = not settings.after  # no ``after``: from the first token
         self.ids = torch.tensor(sorted(settings.tokens), dtype=torch.long)
 
     def adjust(self, logits: torch.Tensor) -> None:

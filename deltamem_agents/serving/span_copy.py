@@ -66,8 +66,10 @@ class _SpanState:
         value = self.text[self.value_start :]
         ends = self._ends(value)
         allowed = [i for i, piece in self.pieces if any(self.source.startswith(piece, e) for e in ends)]
-        if value[-1:].isalnum() and any(_word_end(self.source, e) for e in ends):
-            allowed += self.closers  # a value ends at the end of a word
+        if any(_value_may_end(value, self.source, e) for e in ends):
+            allowed += self.closers  # a value ends at the end of a word (or of a sentence)
+        if not allowed and ends:
+            allowed = self.closers  # the span reached the end of the source: the value ends here
         if not allowed:
             return  # nothing continues a span (e.g. an escape was needed): leave it to the grammar
         _keep_only(logits, allowed)
@@ -107,6 +109,14 @@ def _word_start(text: str, i: int) -> bool:
 
 def _word_end(text: str, i: int) -> bool:
     return i == len(text) or not (text[i].isalnum() and text[i - 1].isalnum())
+
+
+def _value_may_end(value: str, source: str, end: int) -> bool:
+    """Whether a span ``value`` that stops at ``end`` of ``source`` may close there: after a word's last
+    character, or after a sentence's final punctuation ("... for it.") where the source ends or a space follows."""
+    if value[-1:].isalnum():
+        return _word_end(source, end)
+    return value[-1:] in (".", "!", "?") and (end == len(source) or source[end].isspace())
 
 
 def _pieces(texts: tuple[str, ...], source: str) -> list[tuple[int, str]]:

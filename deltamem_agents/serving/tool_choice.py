@@ -66,10 +66,15 @@ def choose_action(
 
 
 def describe(spec: ToolSpec | None) -> str:
-    """How an action is described to the model when scoring: name and description (the reply: its own)."""
+    """How an action is described to the model when scoring: its name, the names of its arguments and its
+    description, e.g. "comment on ticket (ticket id, comment): Add a note to a ticket." (the reply: its own).
+    The argument names were chosen on the request set's tune half: 35/47 right tools under "any" against 33/47
+    with name and description alone, no reply item lost (docs/tool-choice.md)."""
     if spec is None:
         return f"{REPLY_ACTION}: {REPLY_DESCRIPTION}"
-    return f"{spec.name.replace('_', ' ')}: {spec.description}".rstrip(": ")
+    arguments = ", ".join(name.replace("_", " ") for name in spec.parameters.get("properties") or {})
+    head = spec.name.replace("_", " ") + (f" ({arguments})" if arguments else "")
+    return f"{head}: {spec.description}".rstrip(": ")
 
 
 def channel_scores(engine, state, messages: list[dict], specs: list[ToolSpec], allow_reply: bool) -> dict[str, float]:

@@ -155,7 +155,11 @@ def envelope_schema(specs: list[ToolSpec], allow_reply: bool) -> dict:
 
 
 def instructions(specs: list[ToolSpec], allow_reply: bool) -> str:
-    """System-prompt text that tells the model the envelope format and lists the tools."""
+    """System-prompt text that tells the model the envelope format and lists the tools. With no tool allowed it
+    is empty: the grammar writes the reply's envelope head itself, and instructions about tools or JSON made the
+    small model write about them ("This is a JSON object that contains ...") instead of answering."""
+    if not specs:
+        return ""
     lines = ["You can use these tools:"]
     for s in specs:
         args = ", ".join(_describe_arg(k, v) for k, v in (s.parameters.get("properties") or {}).items())

@@ -4,8 +4,10 @@ what goes into the read prompt. Framework-free; ``deltamem_agents.agents.turn`` 
 older   = messages before the newest user message (system messages excluded: they stay in every prompt)
 write   = older messages whose id is not yet in ``written``, in order  -> the write schedule
 window  = the newest messages (at least everything from the newest user message on), counted in messages
-          and capped in tokens; no window starts with a tool result whose call was cut off
-notes   = (recall="latent+retrieval") BM25 matches among older messages outside the window, token-capped
+          and capped in tokens; a window starts with a user message (``WindowPolicy.start_on_user``; never with a
+          tool result whose call was cut off)
+notes   = (recall="latent+retrieval") BM25 matches among older messages outside the window, token-capped; only
+          messages of ``WindowPolicy.note_roles`` (the user's, by default)
 prompt  = :func:`build_read_prompt`: system (+ notes, + tool instructions) + window; the chat and the recall
           evaluation both build their read prompts with it
 """
@@ -30,6 +32,12 @@ class WindowPolicy:
         recall: ``latent`` (memory only) or ``latent+retrieval`` (memory plus BM25 notes from this thread).
         notes_tokens: token cap of the retrieved notes.
         max_notes: at most this many notes.
+        note_roles: the roles whose older messages may become notes. By default only what the user said: a
+            small model copies a recalled reply of its own into the new one, and an old tool result is stale
+            (a ticket "open" on Monday is "waiting for parts" on Wednesday); docs/design-choices.md. The
+            memory still holds every message.
+        start_on_user: the window starts with a user message (older messages before the first one in it are
+            left to the memory and the notes), as LangChain's ``trim_messages(start_on="human")``.
     """
 
     messages: int = 4
@@ -37,6 +45,8 @@ class WindowPolicy:
     recall: str = "latent+retrieval"
     notes_tokens: int = 192
     max_notes: int = 3
+    note_roles: tuple[str, ...] = ("user",)
+    start_on_user: bool = True
 
     def __post_init__(self):
         if self.recall not in RECALL_MODES:
@@ -93,12 +103,12 @@ def plan_chat_turn(
     room = max(policy.messages - len(tail), 0)
     window = (before[-room:] if room else []) + tail
     window, shown = _cap_window(window, tail, chat, policy.max_tokens, count_tokens)
-    while window and chat[window[0]]["role"] == "tool" and window[0] not in tail:
+    while window and window[0] not in tail and _cut_start(chat[window[0]]["role"], policy):
         window = window[1:]
 
     notes: list[str] = []
     if policy.recall == "latent+retrieval":
-        outside = [i for i in older if i not in window]
+        outside = [i for i in older if i not in window and chat[i]["role"] in policy.note_roles]
         found = retrieve_notes(
             [(chat[i]["role"], chat[i]["content"]) for i in outside],
             chat[newest_user]["content"],
@@ -110,6 +120,13 @@ def plan_chat_turn(
     systems = [m["content"] for m in chat if m["role"] == "system"]
     prompt = build_read_prompt(systems, notes, [shown[i] for i in window], extra_system)
     return TurnPlan(to_write=[chat[i] for i in to_write], written_ids=watermark, prompt=prompt, notes=notes)
+
+
+def _cut_start(role: str, policy: WindowPolicy) -> bool:
+    """Whether a window may not start with a message of ``role``: never with a tool result (its call was cut
+    off), and with ``start_on_user`` only with a user message (an assistant reply or call whose request was cut
+    off reads as if the assistant spoke unprompted, and a small model copies it into the new reply)."""
+    return role == "tool" or (policy.start_on_user and role != "user")
 
 
 def _cap_window(

@@ -206,6 +206,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--stated-only", action="store_true", help="only the tool items that state argument values")
     parser.add_argument(
+        "--reply-items", action="store_true", help="only the items that need a plain reply (their replies' 4-grams)"
+    )
+    parser.add_argument(
         "--combine",
         nargs=2,
         metavar=("CHOICE_JSON", "NAMED_JSON"),
@@ -239,6 +242,8 @@ def main(argv=None) -> int:
         sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
     if args.stated_only:
         sets = {k: {**v, "items": [i for i in v["items"] if i[2]]} for k, v in sets.items()}
+    if args.reply_items:
+        sets = {k: {**v, "items": [i for i in v["items"] if i[1] == "reply"]} for k, v in sets.items()}
     run = evaluate_choice if args.choice_only else evaluate
     summary, rows = run(chat, sets, tuple(args.modes.split(",")))
     print("\n".join(table(summary)))
