@@ -15,6 +15,10 @@ def objective(config: dict) -> str:
         parts.append(f"+{config['contrastive_weight']:g}·margin({config['margin']:g})")
     if config.get("read_notes"):
         parts.append(f"notes {config['read_notes']:g} (+{config.get('prompt_weight', 1):g}·CE wrong)")
+    if config.get("distill_weight"):
+        parts.append(f"+{config['distill_weight']:g}·KL(teacher, top {config.get('distill_top_k', 64)})")
+    if config.get("first_token_weight", 1.0) != 1.0:
+        parts.append(f"first answer token ×{config['first_token_weight']:g}")
     parts.append(f"window {config.get('read_window', 0)}")
     if config.get("write_cache"):
         until = config.get("write_cache_until", 1.0)
