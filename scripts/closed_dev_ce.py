@@ -14,22 +14,7 @@ from deltamem_agents.models import DEFAULT_BACKBONE
 from deltamem_agents.models.backbone_zoo import load_backbone
 from deltamem_agents.train.batching import collate, encode_example
 from deltamem_agents.train.closed_facts import closed_facts_test
-from deltamem_agents.train.objective import answer_losses, first_token_hits, write_pass
-
-
-def scores(model, batch, states):
-    """Per example the answer CE and whether the first answer token is the argmax, from one read pass."""
-    keep = []
-    ce = answer_losses(model, batch, states, keep)  # (B,)
-    logits, rows = keep[0]
-    first = torch.ones_like(rows, dtype=torch.bool)
-    first[1:] = rows[1:] != rows[:-1]  # (N,) each example's first answer position
-    targets = batch.labels[:, 1:][batch.labels[:, 1:] != -100]  # (N,)
-    hits = torch.zeros(batch.size, dtype=torch.bool).index_copy(
-        0, rows[first], logits[first].argmax(-1) == targets[first]
-    )
-    return ce.tolist(), hits.tolist()
-
+from deltamem_agents.train.objective import answer_scores, write_pass
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -52,16 +37,13 @@ if __name__ == "__main__":
                 if batch.size < 2:
                     continue
                 states, _ = write_pass(model, batch, detach_backbone=True)
-                for (ce, hits), (ces, hit_list) in (
-                    (scores(model, batch, states), (right, hit_right)),
-                    (scores(model, batch, [s.roll(1, dims=0) for s in states]), (wrong, hit_wrong)),
-                ):
-                    ces += ce
-                    hit_list += hits
+                memories = [(states, right, hit_right), ([s.roll(1, dims=0) for s in states], wrong, hit_wrong)]
                 if args.notes:  # the empty memory reads 0: the backbone (the same for every adapter without notes)
-                    zeros = [torch.zeros_like(s) for s in states]
-                    empty_ce += answer_losses(model, batch, zeros).tolist()
-                    hit_empty += first_token_hits(model, batch, zeros).tolist()
+                    memories.append(([torch.zeros_like(s) for s in states], empty_ce, hit_empty))
+                for memory, ces, hits in memories:
+                    ce, hit = answer_scores(model, batch, memory)
+                    ces += ce.tolist()
+                    hits += hit.tolist()
     n = len(right)
     print(
         json.dumps(

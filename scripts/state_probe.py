@@ -3,10 +3,10 @@
 For one kind of closed fact (colour: 8 values, weekday: 7, pet: 6) the probe is a multinomial logistic regression
 on the standardised, flattened final states of every memory layer. It is fitted on the states of training-template
 episodes (``--level 2``, the default: 1-4 facts, then small talk over 1-3 sessions; ``--level 0``: the fact is the
-last message pair) and scored (a) on held-out training-template
-episodes and (b) on the rung-1 test set's TUNE half (test templates, test small talk). If (b) is near chance while
-(a) is high, the write keys on the training wordings; if (b) is high while the chat's answers stay at chance, the
-read is what fails. The states come from the exact write pass (the chat's write schedule).
+last message pair) and scored (a) on held-out training-template episodes and (b) on the rung-1 test set's TUNE
+half (test templates, test small talk). If (b) is near chance while (a) is high, the write keys on the training
+wordings; if (b) is high while the chat's answers stay at chance, the read is what fails. The states come from
+the exact write pass (the chat's write schedule).
 
 Usage: python scripts/state_probe.py ADAPTER_OR_init:ADAPTER [--kind colour] [--train 240] [--threads 1]
 ``init:ADAPTER`` uses ADAPTER's config with freshly initialised weights (the untrained baseline).

@@ -46,6 +46,7 @@ from deltamem_agents.serving.span_copy import SpanCopy
 from deltamem_agents.serving.thread_locks import ThreadLocks
 from deltamem_agents.serving.tool_choice import choose_action
 from deltamem_agents.serving.tool_grammar import (
+    ACTION_HEAD,
     ARGUMENTS_HEAD,
     REPLY_HEAD,
     allowed_actions,
@@ -549,7 +550,7 @@ def _shows_a_call(prompt: list[dict]) -> bool:
     """Whether the prompt holds an earlier tool call (an envelope in an assistant message). A reply decoded as
     plain text after one copies its form (``{"action": "create_ticket", ...}`` as the reply's text), so there the
     reply is decoded inside the envelope."""
-    return any(m["role"] == "assistant" and '{"action": "' in m["content"] for m in prompt)
+    return any(m["role"] == "assistant" and ACTION_HEAD in m["content"] for m in prompt)
 
 
 def _copy_tokens(tokenizer, text: str) -> tuple[int, ...]:

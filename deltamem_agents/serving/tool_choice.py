@@ -21,7 +21,7 @@ import torch
 from deltamem_agents.core.cache import DeltaMemCache
 from deltamem_agents.core.state import MemoryState
 from deltamem_agents.serving.templating import render_chat, template_messages
-from deltamem_agents.serving.tool_grammar import REPLY_ACTION, ToolSpec
+from deltamem_agents.serving.tool_grammar import ACTION_HEAD, REPLY_ACTION, ToolSpec
 
 REPLY_DESCRIPTION = (
     "Answer the user directly in words: greetings, thanks, small talk, or a question that none of the tools can answer."
@@ -98,9 +98,8 @@ def channel_scores(engine, state, messages: list[dict], specs: list[ToolSpec], a
 
 def envelope_scores(engine, state, prompt_ids: torch.Tensor, actions: list[str]) -> dict[str, float]:
     """log p(``{"action": "<name>"``) after the prompt, counting only the name and its closing quote."""
-    head = '{"action": "'
-    skip = len(engine.tokenizer(head, add_special_tokens=False)["input_ids"])
-    texts = [engine.tokenizer(f'{head}{a}"', add_special_tokens=False)["input_ids"] for a in actions]
+    skip = len(engine.tokenizer(ACTION_HEAD, add_special_tokens=False)["input_ids"])
+    texts = [engine.tokenizer(f'{ACTION_HEAD}{a}"', add_special_tokens=False)["input_ids"] for a in actions]
     logprobs = continuation_logprobs(engine, state, prompt_ids, texts)
     return {a: sum(lp[skip:]) for a, lp in zip(actions, logprobs)}
 

@@ -18,7 +18,8 @@ from deltamem_agents.core.errors import ConfigError
 log = logging.getLogger(__name__)
 REPLY_ACTION = "reply"
 ARGUMENTS_HEAD = '"arguments": '  # what precedes a tool call's arguments in the envelope
-REPLY_HEAD = '{"action": "reply", "text": "'  # how every reply envelope begins (the grammar admits no other spacing)
+ACTION_HEAD = '{"action": "'  # how every envelope begins (the grammar admits no other spacing)
+REPLY_HEAD = ACTION_HEAD + 'reply", "text": "'  # how every reply envelope begins
 
 
 @dataclass(frozen=True)

@@ -109,9 +109,30 @@ def answer_logits(model, batch: Batch, states: list[torch.Tensor]) -> tuple[torc
 
 def first_token_hits(model, batch: Batch, states: list[torch.Tensor]) -> torch.Tensor:
     """Per example whether the argmax at the first answer position is the answer's first token: (B,) bool."""
+    return _first_hits(batch.size, *answer_logits(model, batch, states))
+
+
+def answer_scores(model, batch: Batch, states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`answer_losses` (plain mean) and :func:`first_token_hits` from one read pass: ``(B,), (B,) bool``."""
     logits, targets, rows, first = answer_logits(model, batch, states)
-    hits = torch.zeros(batch.size, dtype=torch.bool, device=logits.device)
+    return _per_example_ce(batch.size, logits, targets, rows, first), _first_hits(
+        batch.size, logits, targets, rows, first
+    )
+
+
+def _first_hits(size: int, logits, targets, rows, first) -> torch.Tensor:
+    """Per example whether the argmax at its first answer position is its first answer token: (B,) bool."""
+    hits = torch.zeros(size, dtype=torch.bool, device=logits.device)
     return hits.index_copy(0, rows[first], logits[first].argmax(-1) == targets[first])
+
+
+def _per_example_ce(size: int, logits, targets, rows, first, first_weight: float = 1.0) -> torch.Tensor:
+    """Per example the answer tokens' cross-entropy, mean weighted ``first_weight`` at the first token: (B,)."""
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    weights = torch.where(first, first_weight, 1.0).to(ce.dtype)  # (N,)
+    per_example = torch.zeros(size, device=ce.device).index_add(0, rows, ce * weights)
+    totals = torch.zeros(size, device=ce.device).index_add(0, rows, weights)
+    return per_example / totals.clamp_min(1e-12)  # (B,)
 
 
 def answer_losses(
@@ -125,11 +146,7 @@ def answer_losses(
     logits, targets, rows, first = answer_logits(model, batch, states)
     if keep is not None:
         keep.append((logits, rows))
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
-    weights = torch.where(first, first_weight, 1.0).to(ce.dtype)  # (N,)
-    per_example = torch.zeros(batch.size, device=ce.device).index_add(0, rows, ce * weights)
-    totals = torch.zeros(batch.size, device=ce.device).index_add(0, rows, weights)
-    return per_example / totals.clamp_min(1e-12)  # (B,)
+    return _per_example_ce(batch.size, logits, targets, rows, first, first_weight)  # (B,)
 
 
 def batch_loss(
