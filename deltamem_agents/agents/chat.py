@@ -32,14 +32,17 @@ from langchain_core.runnables import RunnableLambda, RunnableMap, RunnablePassth
 from langchain_core.runnables.config import ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from deltamem_agents.agents.call_options import resolve_call_options
 from deltamem_agents.agents.store import InMemoryStore
 from deltamem_agents.agents.turn import WindowPolicy, plan_turn
+from deltamem_agents.core.adapter import SHIPPED_ADAPTERS
 from deltamem_agents.core.errors import ConfigError, DeltaMemError
 from deltamem_agents.core.state import MemoryState
 from deltamem_agents.models import default_backbone
+from deltamem_agents.serving.choice_adapter import WEIGHTS_FILE as CHOICE_WEIGHTS_FILE
+from deltamem_agents.serving.choice_adapter import ChoiceAdapter
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
 from deltamem_agents.serving.repetition import CopyBias, RepetitionSettings
 from deltamem_agents.serving.span_copy import SpanCopy
@@ -64,6 +67,8 @@ log = logging.getLogger(__name__)
 THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread): a thread's turn and its forget do not interleave
 VALUES_KWARG = "deltamem_live_values"  # {tool: {argument: values}} from value_providers, resolved per call
 EMBEDDED_BACKBONE = "smollm2-135m-instruct"
+EMBEDDED_CHOICE_ADAPTER = "smollm2-135m-choice"  # under deltamem_agents/adapters (scripts/train_choice_adapter.py)
+EMBEDDED_CHANNEL_WEIGHT = 1.0  # with the choice adapter; chosen on the request set's tune half (docs/tool-choice.md)
 
 
 class StructuredOutputError(DeltaMemError, ValueError):
@@ -129,6 +134,11 @@ class DeltaMemChat(BaseChatModel):
         (False, the default), or inside the JSON envelope (True). Inside the envelope the 135M model wrote "This
         is a JSON object that contains ..." to a thank-you. Where the prompt shows an earlier tool call (the
         answer after a tool round) the envelope is used either way: as plain text the model copied the call.
+      - ``choice_adapter``: a folder with a tool-choice adapter (``serving.choice_adapter``: LoRA deltas active
+        only while the likelihood choice scores the actions, so replies, arguments and the memory are the
+        backbone's own); the score is then ``channel_weight * channel + listed`` (``serving.tool_choice``). The
+        embedded backbone's shipped one is the default of :meth:`from_backbone` (``choice_adapter=None`` turns
+        it off).
       - ``result_copy_bias``: after a tool result, added to the logits of the result's tokens while the reply
         text is decoded, so the reply restates what the tool said (the model still writes it).
     """
@@ -136,6 +146,7 @@ class DeltaMemChat(BaseChatModel):
     # Unknown constructor arguments are an error (pydantic's own message names them), not silently ignored;
     # ``max_tokens`` and ``model`` are accepted as the LangChain spellings of ``max_new_tokens`` / ``model_name``.
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
+    _loaded_choice: Any = PrivateAttr(default=None)  # (path, ChoiceAdapter) of choice_adapter, loaded on first use
 
     engine: Any = Field(exclude=True)
     window_messages: int = 4
@@ -161,6 +172,8 @@ class DeltaMemChat(BaseChatModel):
     span_arguments: dict[str, list[str]] | Literal["strings"] = Field(default_factory=dict)
     result_copy_bias: float = 0.0
     reply_envelope: bool = False
+    choice_adapter: str | None = None
+    channel_weight: float = 1.0
     streaming: bool = False  # LangChain's convention; tokens reach callbacks' on_llm_new_token either way
 
     @classmethod
@@ -182,6 +195,10 @@ class DeltaMemChat(BaseChatModel):
             kwargs.setdefault("reply_bias", 1.5)  # tuned on the tune half of the request set (docs/tool-choice.md)
             kwargs.setdefault("result_copy_bias", 2.0)  # set by hand (no tool-result items in the request set)
             kwargs.setdefault("span_arguments", "strings")  # tune half: 22/31 -> 27/31 stated values exact
+            shipped = SHIPPED_ADAPTERS / EMBEDDED_CHOICE_ADAPTER
+            if (shipped / CHOICE_WEIGHTS_FILE).is_file():
+                kwargs.setdefault("choice_adapter", str(shipped))
+                kwargs.setdefault("channel_weight", EMBEDDED_CHANNEL_WEIGHT)
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
@@ -196,7 +213,23 @@ class DeltaMemChat(BaseChatModel):
         own = set(type(self).model_fields) - set(BaseChatModel.model_fields) - {"thread_keys"}
         params = self.model_dump(mode="json", include=own)  # engine, store, value_providers are excluded fields
         params["memory_fingerprint"] = self.engine.fingerprint()
+        params["choice_adapter_fingerprint"] = self.choice_adapter_fingerprint()
         return params
+
+    def _choice_adapter(self):
+        """The loaded tool-choice adapter (loaded once per chat and path), or None."""
+        if self.choice_adapter is None:
+            return None
+        cached = self._loaded_choice
+        if cached is None or cached[0] != self.choice_adapter:
+            cached = (self.choice_adapter, ChoiceAdapter.load(self.choice_adapter, self.engine.model))
+            self._loaded_choice = cached
+        return cached[1]
+
+    def choice_adapter_fingerprint(self) -> str | None:
+        """The fingerprint of the tool-choice adapter's weights, or None without one."""
+        adapter = self._choice_adapter()
+        return adapter.fingerprint() if adapter is not None else None
 
     def _get_ls_params(self, stop=None, **kwargs):
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -322,7 +355,15 @@ class DeltaMemChat(BaseChatModel):
             decode_specs, decode_reply = specs, allow_reply
             if self.tool_scoring == "likelihood" and len(specs) + allow_reply > 1:
                 choice = choose_action(
-                    self.engine, state, _without(plan.prompt, extra), specs, allow_reply, prompt_ids, self.reply_bias
+                    self.engine,
+                    state,
+                    _without(plan.prompt, extra),
+                    specs,
+                    allow_reply,
+                    prompt_ids,
+                    self.reply_bias,
+                    adapter=self._choice_adapter(),
+                    channel_weight=self.channel_weight,
                 )
                 decode_specs = [s for s in specs if s.name == choice.action]
                 decode_reply = not decode_specs
