@@ -87,3 +87,25 @@ def test_reply_only_instructions_are_empty():
     assert instructions([], True) == ""  # a reply alone: the grammar writes its envelope, nothing to explain
     with_tool = instructions(tool_specs([{"name": "lookup", "description": "find it"}]), True)
     assert "- lookup(): find it" in with_tool and "To call a tool" in with_tool
+
+
+def test_instructions_show_each_arguments_description_from_the_docstring():
+    from langchain_core.tools import tool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from deltamem_agents.serving.tool_grammar import instructions, tool_specs
+
+    @tool(parse_docstring=True)
+    def open_case(title: str, level: int) -> str:
+        """Open a case.
+
+        Args:
+            title: a few words that name the problem.
+            level: how urgent it is.
+        """
+        return "ok"
+
+    text = instructions(tool_specs([convert_to_openai_tool(open_case)]), False)
+    assert "- open_case(title: string (a few words that name the problem), level: integer (how urgent it is))" in text
+    plain = instructions(tool_specs([{"name": "lookup", "parameters": {"properties": {"n": {"type": "integer"}}}}]), 0)
+    assert "- lookup(n: integer)" in plain  # no description: the name and type alone, as before

@@ -41,8 +41,8 @@ from deltamem_agents.core.adapter import SHIPPED_ADAPTERS
 from deltamem_agents.core.errors import ConfigError, DeltaMemError
 from deltamem_agents.core.state import MemoryState
 from deltamem_agents.models import default_backbone
-from deltamem_agents.serving.choice_adapter import WEIGHTS_FILE as CHOICE_WEIGHTS_FILE
-from deltamem_agents.serving.choice_adapter import ChoiceAdapter
+from deltamem_agents.serving.choice_head import WEIGHTS_FILE as CHOICE_HEAD_FILE
+from deltamem_agents.serving.choice_head import ChoiceHead
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
 from deltamem_agents.serving.repetition import CopyBias, RepetitionSettings
 from deltamem_agents.serving.span_copy import SpanCopy
@@ -67,8 +67,7 @@ log = logging.getLogger(__name__)
 THREAD_LOCKS = ThreadLocks()  # keyed by (store, thread): a thread's turn and its forget do not interleave
 VALUES_KWARG = "deltamem_live_values"  # {tool: {argument: values}} from value_providers, resolved per call
 EMBEDDED_BACKBONE = "smollm2-135m-instruct"
-EMBEDDED_CHOICE_ADAPTER = "smollm2-135m-choice"  # under deltamem_agents/adapters (scripts/train_choice_adapter.py)
-EMBEDDED_CHANNEL_WEIGHT = 1.0  # with the choice adapter; chosen on the request set's tune half (docs/tool-choice.md)
+EMBEDDED_CHOICE_HEAD = "smollm2-135m-choice-head"  # under deltamem_agents/adapters (scripts/train_choice_head.py)
 
 
 class StructuredOutputError(DeltaMemError, ValueError):
@@ -134,11 +133,11 @@ class DeltaMemChat(BaseChatModel):
         (False, the default), or inside the JSON envelope (True). Inside the envelope the 135M model wrote "This
         is a JSON object that contains ..." to a thank-you. Where the prompt shows an earlier tool call (the
         answer after a tool round) the envelope is used either way: as plain text the model copied the call.
-      - ``choice_adapter``: a folder with a tool-choice adapter (``serving.choice_adapter``: LoRA deltas active
-        only while the likelihood choice scores the actions, so replies, arguments and the memory are the
-        backbone's own); the score is then ``channel_weight * channel + listed`` (``serving.tool_choice``). The
-        embedded backbone's shipped one is the default of :meth:`from_backbone` (``choice_adapter=None`` turns
-        it off).
+      - ``choice_head``: a folder with a tool-choice head (``serving.choice_head``: a linear read-out of the
+        hidden states of the likelihood choice's own forwards, trained on generated requests over tool sets of
+        other domains); each action's score is then ``channel_weight * channel + head``. Replies, arguments and
+        the memory are the backbone's own. The embedded backbone's shipped head is the default of
+        :meth:`from_backbone` (``choice_head=None`` turns it off).
       - ``result_copy_bias``: after a tool result, added to the logits of the result's tokens while the reply
         text is decoded, so the reply restates what the tool said (the model still writes it).
     """
@@ -146,7 +145,7 @@ class DeltaMemChat(BaseChatModel):
     # Unknown constructor arguments are an error (pydantic's own message names them), not silently ignored;
     # ``max_tokens`` and ``model`` are accepted as the LangChain spellings of ``max_new_tokens`` / ``model_name``.
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
-    _loaded_choice: Any = PrivateAttr(default=None)  # (path, ChoiceAdapter) of choice_adapter, loaded on first use
+    _loaded_head: Any = PrivateAttr(default=None)  # (path, ChoiceHead) of choice_head, read on first use
 
     engine: Any = Field(exclude=True)
     window_messages: int = 4
@@ -172,8 +171,7 @@ class DeltaMemChat(BaseChatModel):
     span_arguments: dict[str, list[str]] | Literal["strings"] = Field(default_factory=dict)
     result_copy_bias: float = 0.0
     reply_envelope: bool = False
-    choice_adapter: str | None = None
-    channel_weight: float = 1.0
+    choice_head: str | None = None
     streaming: bool = False  # LangChain's convention; tokens reach callbacks' on_llm_new_token either way
 
     @classmethod
@@ -195,10 +193,9 @@ class DeltaMemChat(BaseChatModel):
             kwargs.setdefault("reply_bias", 1.5)  # tuned on the tune half of the request set (docs/tool-choice.md)
             kwargs.setdefault("result_copy_bias", 2.0)  # set by hand (no tool-result items in the request set)
             kwargs.setdefault("span_arguments", "strings")  # tune half: 22/31 -> 27/31 stated values exact
-            shipped = SHIPPED_ADAPTERS / EMBEDDED_CHOICE_ADAPTER
-            if (shipped / CHOICE_WEIGHTS_FILE).is_file():
-                kwargs.setdefault("choice_adapter", str(shipped))
-                kwargs.setdefault("channel_weight", EMBEDDED_CHANNEL_WEIGHT)
+            shipped = SHIPPED_ADAPTERS / EMBEDDED_CHOICE_HEAD
+            if (shipped / CHOICE_HEAD_FILE).is_file():
+                kwargs.setdefault("choice_head", str(shipped))
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
@@ -213,23 +210,24 @@ class DeltaMemChat(BaseChatModel):
         own = set(type(self).model_fields) - set(BaseChatModel.model_fields) - {"thread_keys"}
         params = self.model_dump(mode="json", include=own)  # engine, store, value_providers are excluded fields
         params["memory_fingerprint"] = self.engine.fingerprint()
-        params["choice_adapter_fingerprint"] = self.choice_adapter_fingerprint()
+        params["choice_head_fingerprint"] = self.choice_head_fingerprint()
         return params
 
-    def _choice_adapter(self):
-        """The loaded tool-choice adapter (loaded once per chat and path), or None."""
-        if self.choice_adapter is None:
+    def _choice_head(self):
+        """The loaded tool-choice head (read once per chat and path), or None."""
+        if self.choice_head is None:
             return None
-        cached = self._loaded_choice
-        if cached is None or cached[0] != self.choice_adapter:
-            cached = (self.choice_adapter, ChoiceAdapter.load(self.choice_adapter, self.engine.model))
-            self._loaded_choice = cached
+        cached = self._loaded_head
+        if cached is None or cached[0] != self.choice_head:
+            config = self.engine.model.config
+            head = ChoiceHead.load(self.choice_head, config.hidden_size, config.num_hidden_layers + 1)
+            cached = self._loaded_head = (self.choice_head, head)
         return cached[1]
 
-    def choice_adapter_fingerprint(self) -> str | None:
-        """The fingerprint of the tool-choice adapter's weights, or None without one."""
-        adapter = self._choice_adapter()
-        return adapter.fingerprint() if adapter is not None else None
+    def choice_head_fingerprint(self) -> str | None:
+        """The fingerprint of the tool-choice head's weights, or None without one."""
+        head = self._choice_head()
+        return head.fingerprint() if head is not None else None
 
     def _get_ls_params(self, stop=None, **kwargs):
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -362,8 +360,7 @@ class DeltaMemChat(BaseChatModel):
                     allow_reply,
                     prompt_ids,
                     self.reply_bias,
-                    adapter=self._choice_adapter(),
-                    channel_weight=self.channel_weight,
+                    head=self._choice_head(),
                 )
                 decode_specs = [s for s in specs if s.name == choice.action]
                 decode_reply = not decode_specs

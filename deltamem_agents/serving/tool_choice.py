@@ -8,11 +8,9 @@ the action with the highest score. The plain reply is one more action, described
 so "reply or call" is decided the same way. Then the envelope is decoded under the grammar restricted to the
 chosen action: the model still writes the arguments and the reply text itself.
 
-With a tool-choice adapter (``serving.choice_adapter``, trained by ``scripts/train_choice_adapter.py`` on
-generated requests over tool sets of other domains), each action also gets a "listed" score: the system message
-lists every allowed action (:func:`describe`), and the backbone, with the adapter active, scores the action's
-name as the answer to "which action does the newest message ask for" (:func:`listing_example`, the same layout
-the adapter was trained on). The choice then uses ``channel_weight * channel + listed``.
+With a tool-choice head (``serving.choice_head``: a linear read-out of the hidden states of those same
+forwards, trained on generated requests over tool sets of other domains), each action's score is
+``channel_weight * channel + head``.
 
 After a tool result (the turn already called a tool), the user message is no new evidence; there the model
 scores the start of each envelope (``{"action": "<name>"``) given the whole prompt, tool result included.
@@ -26,15 +24,13 @@ import torch
 
 from deltamem_agents.core.cache import DeltaMemCache
 from deltamem_agents.core.state import MemoryState
-from deltamem_agents.serving.templating import render_chat, render_prompt_ids, template_messages
+from deltamem_agents.serving.templating import render_chat, template_messages
 from deltamem_agents.serving.tool_grammar import ACTION_HEAD, REPLY_ACTION, ToolSpec
 
 REPLY_DESCRIPTION = (
     "Answer the user directly in words: greetings, thanks, small talk, or a question that none of the tools can answer."
 )
 ACTION_INTRO = "The user's message asks for this action: "
-LISTING_HEADER = "Actions you can take:"
-LISTING_QUESTION = "Which one action does the user's newest message ask for? Answer with the action's name only."
 
 
 @dataclass(frozen=True)
@@ -54,25 +50,22 @@ def choose_action(
     allow_reply: bool,
     prompt_ids: torch.Tensor | None = None,
     reply_bias: float = 0.0,
-    adapter=None,
-    channel_weight: float = 1.0,
+    head=None,
 ) -> ActionChoice:
     """Choose among ``specs`` (and the reply, if allowed) for the conversation ``messages`` (chat dicts: the
     system message first, then the window; the tool instructions are not needed). ``prompt_ids`` is the rendered
     prompt of the turn, used after a tool result. ``reply_bias`` is added to the reply's score. With a choice
-    ``adapter`` the score is ``channel_weight * channel + listed`` (``channel_weight=0``: the listed score
-    alone, and the channel forward is skipped)."""
+    ``head`` the channel score becomes ``head.channel_weight * channel + head`` (same forwards)."""
     actions = [s.name for s in specs] + ([REPLY_ACTION] if allow_reply else [])
     if len(actions) == 1:
         return ActionChoice(actions[0], {actions[0]: 0.0}, "only")
     if messages and messages[-1]["role"] == "tool" and prompt_ids is not None:
         scores = envelope_scores(engine, state, prompt_ids, actions)
         method = "envelope"
-    elif adapter is not None:
-        listed = listed_scores(engine, state, messages, specs, allow_reply, adapter)
-        channel = channel_scores(engine, state, messages, specs, allow_reply) if channel_weight else {}
-        scores = {a: listed[a] + channel_weight * channel.get(a, 0.0) for a in listed}
-        method = "listed" if not channel_weight else "channel+listed"
+    elif head is not None:
+        channel, learned = channel_and_head_scores(engine, state, messages, specs, allow_reply, head)
+        scores = {a: head.channel_weight * channel[a] + learned[a] for a in channel}
+        method = "channel+head"
     else:
         scores = channel_scores(engine, state, messages, specs, allow_reply)
         method = "channel"
@@ -94,60 +87,50 @@ def describe(spec: ToolSpec | None) -> str:
     return f"{head}: {spec.description}".rstrip(": ")
 
 
-def channel_scores(engine, state, messages: list[dict], specs: list[ToolSpec], allow_reply: bool) -> dict[str, float]:
-    """log p(newest user message | the system message plus "the user asks for <action>") for every action."""
+def channel_sequences(tokenizer, messages: list[dict], options: list) -> list[tuple[torch.Tensor, int]]:
+    """One ``(ids, start)`` per option (a ToolSpec, or None for the reply): the system message plus "the user
+    asks for <action>", then the conversation up to and including its newest user message, whose tokens start at
+    ``start``. The sequence ends with the newest user message's last token."""
     system = [m["content"] for m in messages if m["role"] == "system"]
     rest = [m for m in messages if m["role"] != "system"]
     users = [i for i, m in enumerate(rest) if m["role"] == "user"]
     if not users:
         raise ValueError("channel scoring needs a user message")
-    rest = template_messages(engine.tokenizer, rest[: users[-1] + 1])
-    options: list[ToolSpec | None] = [*specs, *([None] if allow_reply else [])]
+    rest = template_messages(tokenizer, rest[: users[-1] + 1])
     sequences = []
     for spec in options:
         head = "\n".join(system + [ACTION_INTRO + describe(spec)])
-        rendered = render_chat(engine.tokenizer, [{"role": "system", "content": head}, *rest])
+        rendered = render_chat(tokenizer, [{"role": "system", "content": head}, *rest])
         positions = (rendered.message_index == len(rest)).nonzero().flatten()  # the newest user message
         sequences.append((rendered.input_ids[: int(positions[-1]) + 1], int(positions[0])))
-    logprobs = batch_sequence_logprobs(engine, state, sequences)
+    return sequences
+
+
+def channel_scores(engine, state, messages: list[dict], specs: list[ToolSpec], allow_reply: bool) -> dict[str, float]:
+    """log p(newest user message | the system message plus "the user asks for <action>") for every action."""
+    options: list[ToolSpec | None] = [*specs, *([None] if allow_reply else [])]
+    logprobs = batch_sequence_logprobs(engine, state, channel_sequences(engine.tokenizer, messages, options))
     return {(spec.name if spec else REPLY_ACTION): sum(lp) for spec, lp in zip(options, logprobs)}
 
 
-def action_label(spec: ToolSpec | None) -> str:
-    """The name an action is listed and answered by: the tool's name with spaces (the reply: ``reply``)."""
-    return spec.name.replace("_", " ") if spec is not None else REPLY_ACTION
+def channel_features(engine, state, messages, options: list, layers) -> tuple[list[float], torch.Tensor]:
+    """For each option (a ToolSpec, None: the reply): its channel score and the hidden states of ``layers`` at
+    its channel sequence's last token, concatenated, (A, F); one forward for all."""
+    sequences = channel_sequences(engine.tokenizer, messages, options)
+    logprobs, hidden = _batch_forward(engine, state, sequences, hidden_states=True)
+    rows = torch.arange(len(sequences))
+    last = torch.tensor([ids.shape[0] - 1 for ids, _ in sequences])  # (A,)
+    features = torch.cat([hidden[i][rows, last].float() for i in layers], dim=-1)  # (A, F)
+    return [sum(lp) for lp in logprobs], features
 
 
-def listing_messages(messages: list[dict], options: list[ToolSpec | None]) -> list[dict]:
-    """The conversation up to its newest user message, under a system message that lists ``options`` (a
-    ToolSpec per tool, None for the reply) and asks which one the newest message asks for."""
-    system = [m["content"] for m in messages if m["role"] == "system"]
-    rest = [m for m in messages if m["role"] != "system"]
-    users = [i for i, m in enumerate(rest) if m["role"] == "user"]
-    if not users:
-        raise ValueError("listed scoring needs a user message")
-    listing = "\n".join(f"- {describe(option)}" for option in options)
-    head = "\n\n".join([*system, f"{LISTING_HEADER}\n{listing}", LISTING_QUESTION])
-    return [{"role": "system", "content": head}, *rest[: users[-1] + 1]]
-
-
-def listing_example(tokenizer, messages: list[dict], options: list[ToolSpec | None], answer) -> tuple:
-    """``(ids, start)``: the listing prompt (:func:`listing_messages`, with the generation prompt) followed by
-    the answer's label and the end-of-turn token; ``start`` is where the answer begins. Training and scoring both
-    use it, so the adapter is scored on exactly the layout it learned."""
-    prompt = render_prompt_ids(tokenizer, listing_messages(messages, options))  # (P,)
-    label = tokenizer(action_label(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return torch.cat([prompt, torch.tensor(label, dtype=torch.long)]), prompt.shape[0]  # (P + L,)
-
-
-def listed_scores(engine, state, messages, specs: list[ToolSpec], allow_reply: bool, adapter) -> dict[str, float]:
-    """log p(action's label, end of turn | the listing prompt) for every action, with ``adapter`` active, in
-    one right-padded batch (memory read, not written)."""
+def channel_and_head_scores(engine, state, messages, specs: list[ToolSpec], allow_reply: bool, head):
+    """(channel scores, head scores) of every action from the same forward (``serving.choice_head``)."""
     options: list[ToolSpec | None] = [*specs, *([None] if allow_reply else [])]
-    sequences = [listing_example(engine.tokenizer, messages, options, option) for option in options]
-    with adapter.active(engine.model):
-        logprobs = batch_sequence_logprobs(engine, state, sequences)
-    return {(o.name if o else REPLY_ACTION): sum(lp) for o, lp in zip(options, logprobs)}
+    channel, features = channel_features(engine, state, messages, options, head.layers)
+    learned = head.score(features, torch.tensor([o is None for o in options])).tolist()
+    names = [spec.name if spec else REPLY_ACTION for spec in options]
+    return dict(zip(names, channel)), dict(zip(names, learned))
 
 
 def envelope_scores(engine, state, prompt_ids: torch.Tensor, actions: list[str]) -> dict[str, float]:
@@ -171,8 +154,14 @@ def sequence_logprobs(engine, state, ids: torch.Tensor, start: int) -> list[floa
 def batch_sequence_logprobs(engine, state, sequences: list[tuple[torch.Tensor, int]]) -> list[list[float]]:
     """:func:`sequence_logprobs` of several ``(ids, start)`` pairs in one right-padded batch. Causal attention
     and a read-only memory mean a token never sees the padding after it, so no attention mask is needed."""
+    return _batch_forward(engine, state, sequences)[0]
+
+
+def _batch_forward(engine, state, sequences, hidden_states: bool = False) -> tuple[list[list[float]], tuple | None]:
+    """The per-token log-probabilities of :func:`batch_sequence_logprobs`, and with ``hidden_states`` the
+    model's hidden states (a tuple of (B, T, H), 0 = embeddings) of the same forward."""
     if not sequences:
-        return []
+        return [], None
     state = state or engine.empty_state()
     length = max(ids.shape[0] for ids, _ in sequences)
     batch = torch.zeros(len(sequences), length, dtype=torch.long)  # (B, T) right-padded with token 0
@@ -180,12 +169,14 @@ def batch_sequence_logprobs(engine, state, sequences: list[tuple[torch.Tensor, i
         batch[row, : ids.shape[0]] = ids
     with engine.lock, torch.no_grad():
         cache = DeltaMemCache(engine.model, MemoryState.stack([state] * len(sequences)), writes=False)
-        logprobs = engine.model(batch.to(engine.device), cache=cache).logits.float().log_softmax(-1)  # (B, T, V)
+        output = engine.model(batch.to(engine.device), cache=cache, output_hidden_states=hidden_states)
+        logprobs = output.logits.float().log_softmax(-1)  # (B, T, V)
     out = []
     for row, (ids, start) in enumerate(sequences):
         targets = ids[start:].to(logprobs.device)
         out.append(logprobs[row, start - 1 : ids.shape[0] - 1].gather(1, targets[:, None]).flatten().tolist())
-    return out
+    hidden = tuple(h.cpu() for h in output.hidden_states) if hidden_states else None
+    return out, hidden
 
 
 def continuation_logprobs(engine, state, prompt_ids: torch.Tensor, continuations: list[list[int]]) -> list[list[float]]:

@@ -173,9 +173,14 @@ def instructions(specs: list[ToolSpec], allow_reply: bool) -> str:
 
 
 def _describe_arg(name: str, schema: dict) -> str:
+    """``name: type`` or ``name: one of ...``, then the argument's description in parentheses when the schema
+    has one (LangChain puts a tool's docstring ``Args:`` there with ``@tool(parse_docstring=True)``)."""
     if "enum" in schema:
-        return f"{name}: one of {', '.join(json.dumps(v) for v in schema['enum'])}"
-    return f"{name}: {schema.get('type', 'any')}"
+        head = f"{name}: one of {', '.join(json.dumps(v) for v in schema['enum'])}"
+    else:
+        head = f"{name}: {schema.get('type', 'any')}"
+    note = str(schema.get("description") or "").strip().rstrip(".")
+    return f"{head} ({note})" if note else head
 
 
 def compile_envelope(tokenizer, vocab_size: int, schema: dict):

@@ -29,9 +29,14 @@ def make_tools(db: TicketDB) -> list:
     def day(config: RunnableConfig) -> str | None:
         return config["configurable"].get("story_day")
 
-    @tool
+    @tool(parse_docstring=True)
     def create_ticket(title: str, description: str, config: RunnableConfig) -> str:
-        """Open a new support ticket for the user's problem."""
+        """Open a new support ticket for the user's problem.
+
+        Args:
+            title: a few words that name the problem.
+            description: the problem as the user describes it.
+        """
         return summary(db.create(user(config), title, description, day(config)))
 
     @tool
@@ -40,37 +45,56 @@ def make_tools(db: TicketDB) -> list:
         tickets = [summary(db.get(user(config), t["id"])) for t in db.list(user(config))]
         return "\n".join(tickets) or "You have no open tickets."
 
-    @tool
+    @tool(parse_docstring=True)
     def lookup_ticket(ticket_id: int, config: RunnableConfig) -> str:
-        """Show one ticket with its status and comments."""
+        """Show one ticket with its status and comments.
+
+        Args:
+            ticket_id: the ticket's number.
+        """
         try:
             return summary(db.get(user(config), ticket_id))
         except TicketError as err:
             return str(err)
 
-    @tool
+    @tool(parse_docstring=True)
     def update_ticket_status(
         ticket_id: int,
         status: Literal["open", "in progress", "waiting for parts", "waiting for user"],
         config: RunnableConfig,
     ) -> str:
-        """Change a ticket's status (open, in progress, waiting for parts, waiting for user)."""
+        """Change a ticket's status (open, in progress, waiting for parts, waiting for user).
+
+        Args:
+            ticket_id: the ticket's number.
+            status: the new status.
+        """
         try:
             return summary(db.update_status(user(config), ticket_id, status, day(config)))
         except TicketError as err:
             return str(err)
 
-    @tool
+    @tool(parse_docstring=True)
     def comment_on_ticket(ticket_id: int, comment: str, config: RunnableConfig) -> str:
-        """Add a note to a ticket."""
+        """Add a note to a ticket.
+
+        Args:
+            ticket_id: the ticket's number.
+            comment: the note, in the user's words.
+        """
         try:
             return summary(db.comment(user(config), ticket_id, comment, day=day(config)))
         except TicketError as err:
             return str(err)
 
-    @tool
+    @tool(parse_docstring=True)
     def close_ticket(ticket_id: int, resolution: str, config: RunnableConfig) -> str:
-        """Close a solved ticket with a short resolution."""
+        """Close a solved ticket with a short resolution.
+
+        Args:
+            ticket_id: the ticket's number.
+            resolution: how the problem was solved.
+        """
         try:
             return summary(db.close(user(config), ticket_id, resolution, day(config)))
         except TicketError as err:
