@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from tiny_chat import Script, tiny_engine
 
 from deltamem_agents.agents.chat import DeltaMemChat
@@ -329,3 +329,27 @@ def test_a_reply_alone_is_plain_text_decoded_without_tool_or_json_instructions(e
     after_call = [*conversation, AIMessage("", tool_calls=[call]), ToolMessage("open", tool_call_id="c1")]
     with Script(engine, '{"action": "reply", "text": "it is open"}'):  # after a call: the envelope, not a copy
         assert chat.bind_tools([lookup_ticket], tool_choice="none").invoke(after_call).content == "it is open"
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_the_choice_scores_the_current_turn_unless_told_to_see_the_window(engine, monkeypatch, window):
+    import deltamem_agents.agents.chat as chat_module
+
+    seen = []
+    real = chat_module.choose_action
+    monkeypatch.setattr(
+        chat_module,
+        "choose_action",
+        lambda e, s, messages, *a, **k: seen.append(messages) or real(e, s, messages, *a, **k),
+    )
+    chat = DeltaMemChat(engine=engine, max_new_tokens=20, tool_scoring="likelihood", choice_window=window)
+    history = [
+        SystemMessage("be brief"),
+        HumanMessage("older question"),
+        AIMessage("older answer"),
+        HumanMessage("ticket 4?"),
+    ]
+    chat.bind_tools([lookup_ticket, create_ticket], tool_choice="auto").invoke(history)
+    contents = [m["content"] for m in seen[0]]
+    assert seen[0][0]["role"] == "system" and contents[-1] == "ticket 4?"
+    assert ("older question" in contents and "older answer" in contents) == window

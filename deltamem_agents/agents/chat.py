@@ -138,6 +138,11 @@ class DeltaMemChat(BaseChatModel):
         other domains); each action's score is then ``channel_weight * channel + head``. Replies, arguments and
         the memory are the backbone's own. The embedded backbone's shipped head is the default of
         :meth:`from_backbone` (``choice_head=None`` turns it off).
+      - ``choice_window``: whether the likelihood choice scores the newest user message after the whole window
+        (True) or after the system message alone (False, the default; the memory is read either way). With
+        the window, earlier turns moved the scores of a small model more than the request did (a "please close
+        my ticket" after two older turns scored as a reply; docs/tool-choice.md), and the choice head was
+        trained on single turns.
       - ``result_copy_bias``: after a tool result, added to the logits of the result's tokens while the reply
         text is decoded, so the reply restates what the tool said (the model still writes it).
     """
@@ -172,6 +177,7 @@ class DeltaMemChat(BaseChatModel):
     result_copy_bias: float = 0.0
     reply_envelope: bool = False
     choice_head: str | None = None
+    choice_window: bool = False
     streaming: bool = False  # LangChain's convention; tokens reach callbacks' on_llm_new_token either way
 
     @classmethod
@@ -190,12 +196,14 @@ class DeltaMemChat(BaseChatModel):
         if backbone == EMBEDDED_BACKBONE:
             kwargs.setdefault("tool_scoring", "likelihood")
             kwargs.setdefault("copy_bias", 2.0)
-            kwargs.setdefault("reply_bias", 1.5)  # tuned on the tune half of the request set (docs/tool-choice.md)
             kwargs.setdefault("result_copy_bias", 2.0)  # set by hand (no tool-result items in the request set)
             kwargs.setdefault("span_arguments", "strings")  # tune half: 22/31 -> 27/31 stated values exact
             shipped = SHIPPED_ADAPTERS / EMBEDDED_CHOICE_HEAD
             if (shipped / CHOICE_HEAD_FILE).is_file():
                 kwargs.setdefault("choice_head", str(shipped))
+            # tuned on the tune half of the request set (docs/tool-choice.md): 1.5 for the channel score alone,
+            # 0.75 (the middle of the tune half's plateau, 0 to 1.5) with the choice head
+            kwargs.setdefault("reply_bias", 0.75 if kwargs.get("choice_head") else 1.5)
         return cls(engine=MemoryEngine(model, tokenizer), model_name=backbone, **kwargs)
 
     @property
@@ -355,7 +363,7 @@ class DeltaMemChat(BaseChatModel):
                 choice = choose_action(
                     self.engine,
                     state,
-                    _without(plan.prompt, extra),
+                    _choice_view(_without(plan.prompt, extra), self.choice_window),
                     specs,
                     allow_reply,
                     prompt_ids,
@@ -582,6 +590,17 @@ def _without(prompt: list[dict], extra: str) -> list[dict]:
         return prompt
     system = prompt[0]["content"].removesuffix(extra).rstrip()
     return ([{"role": "system", "content": system}] if system else []) + prompt[1:]
+
+
+def _choice_view(prompt: list[dict], window: bool) -> list[dict]:
+    """What the likelihood choice scores: with ``window`` the whole read prompt, else its system messages and
+    the current turn (the newest user message and what follows it); older turns reach the choice through the
+    memory, which the scoring reads."""
+    if window:
+        return prompt
+    users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+    newest = users[-1] if users else len(prompt)
+    return [m for m in prompt[:newest] if m["role"] == "system"] + prompt[newest:]
 
 
 def _shows_a_call(prompt: list[dict]) -> bool:

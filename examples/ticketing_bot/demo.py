@@ -40,7 +40,9 @@ SESSIONS = [
         ],
     ),
 ]
-BETWEEN_SESSIONS = {0: ("technician", "Replacement battery ordered, arriving Thursday.", "waiting for parts")}
+BETWEEN_SESSIONS = {
+    0: ("technician", "Replacement battery ordered, arriving Thursday.", "waiting for parts", "Tuesday")
+}
 
 
 def run_session(index: int, data: Path, user: str) -> None:
@@ -107,11 +109,11 @@ def staff_update(data: Path, user: str, after_session: int) -> None:
 
     if after_session not in BETWEEN_SESSIONS:
         return
-    author, text, status = BETWEEN_SESSIONS[after_session]
+    author, text, status, day = BETWEEN_SESSIONS[after_session]
     db = TicketDB(data / "tickets.db")
-    for ticket in db.list(user):
-        db.comment(user, ticket["id"], text, author=author)
-        db.update_status(user, ticket["id"], status)
+    for ticket in db.list(user):  # on a story day, as the agent's own changes are (not today's date)
+        db.comment(user, ticket["id"], text, author=author, day=day)
+        db.update_status(user, ticket["id"], status, day)
         print(f"\n(meanwhile the {author} updated ticket #{ticket['id']}: {text!r}, status {status!r})")
 
 

@@ -104,7 +104,10 @@ def evaluate_choice(chat, sets: dict, modes=("any", "auto"), log=print) -> tuple
         for text, expected, stated in spec["items"]:
             t0 = time.perf_counter()
             messages = [{"role": "system", "content": spec["system"]}, {"role": "user", "content": text}]
-            scores = choose_action(chat.engine, None, messages, specs, True, reply_bias=chat.reply_bias).scores
+            head = chat._choice_head()
+            scores = choose_action(
+                chat.engine, None, messages, specs, True, reply_bias=chat.reply_bias, head=head
+            ).scores
             seconds = round((time.perf_counter() - t0) / len(modes), 2)
             for mode in modes:
                 allowed = [a for a in scores if mode == "auto" or a != REPLY_ACTION]
@@ -197,6 +200,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--span-arguments", default=None, choices=["none", "strings"], help="override DeltaMemChat.span_arguments"
     )
+    parser.add_argument(
+        "--choice-head", default=None, help="override DeltaMemChat.choice_head: a folder, or none (channel score alone)"
+    )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     parser.add_argument(
         "--choice-only",
@@ -236,6 +242,8 @@ def main(argv=None) -> int:
         overrides["reply_bias"] = args.reply_bias
     if args.span_arguments is not None:
         overrides["span_arguments"] = {} if args.span_arguments == "none" else args.span_arguments
+    if args.choice_head is not None:
+        overrides["choice_head"] = None if args.choice_head == "none" else args.choice_head
     chat = DeltaMemChat.from_backbone(args.backbone, **overrides)
     sets = load_requests(args.half)
     if args.sets:
@@ -261,11 +269,12 @@ def main(argv=None) -> int:
                     "reply_bias",
                     "copy_bias",
                     "span_arguments",
-                    "tool_calibration",
+                    "choice_head",
                     "max_new_tokens",
                     "repetition",
                 )
             },
+            "choice_head_fingerprint": chat.choice_head_fingerprint(),
         }
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
