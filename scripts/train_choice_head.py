@@ -54,12 +54,16 @@ def main(argv=None) -> int:
         layers = tuple(int(x) for x in args.layers.split(","))
         feats = extract(engine, items, layers)
         save_features(feats, args.out)
-        meta = {"layers": layers, "items": len(items), "per_tool": args.per_tool, "domains": domains}
+        digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+        meta = {"layers": layers, "items": len(items), "per_tool": args.per_tool, "domains": domains, "data": digest}
         Path(args.out).with_suffix(".json").write_text(json.dumps(meta))
         print(f"{len(items)} items -> {args.out}")
         return 0
     parts = [load_features(p) for p in args.features]
-    layers = tuple(json.loads(Path(args.features[0]).with_suffix(".json").read_text())["layers"])
+    metas = [json.loads(Path(p).with_suffix(".json").read_text()) for p in args.features]
+    if any(m["layers"] != metas[0]["layers"] for m in metas):
+        raise SystemExit(f"the features files hold different layers: {[m['layers'] for m in metas]}")
+    layers = tuple(metas[0]["layers"])
     feats = ItemFeatures(*([x for p in parts for x in getattr(p, f)] for f in ItemFeatures.__dataclass_fields__))
     if args.layers:
         chosen = tuple(int(x) for x in args.layers.split(","))

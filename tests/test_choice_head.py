@@ -8,7 +8,7 @@ from tiny_chat import tiny_engine
 
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.core.cache import DeltaMemCache
-from deltamem_agents.core.errors import AdapterError
+from deltamem_agents.core.errors import AdapterError, ConfigError
 from deltamem_agents.serving.choice_head import ChoiceHead
 from deltamem_agents.serving.tool_choice import (
     channel_and_head_scores,
@@ -16,6 +16,7 @@ from deltamem_agents.serving.tool_choice import (
     channel_scores,
     channel_sequences,
     choose_action,
+    sequence_logprobs,
 )
 from deltamem_agents.serving.tool_grammar import ToolSpec, tool_specs
 from deltamem_agents.train.choice_training import (
@@ -57,7 +58,8 @@ def test_features_and_channel_scores_match_one_sequence_at_a_time(engine):
     options = [*SPECS, None]
     channel, features = channel_features(engine, None, MESSAGES, options, LAYERS)
     assert channel == pytest.approx(list(channel_scores(engine, None, MESSAGES, SPECS, True).values()), abs=1e-4)
-    for row, (ids, _) in enumerate(channel_sequences(engine.tokenizer, MESSAGES, options)):
+    for row, (ids, start) in enumerate(channel_sequences(engine.tokenizer, MESSAGES, options)):
+        assert channel[row] == pytest.approx(sum(sequence_logprobs(engine, None, ids, start)), abs=1e-3)
         with torch.no_grad():
             cache = DeltaMemCache(engine.model, engine.empty_state(), writes=False)  # as scoring: memory read only
             hidden = engine.model(ids[None], cache=cache, output_hidden_states=True).hidden_states
@@ -108,6 +110,10 @@ def test_the_chat_scores_with_its_head(engine, tmp_path):
     assert not message.tool_calls
     assert chat._identifying_params["choice_head_fingerprint"] == replying.fingerprint()
     assert DeltaMemChat(engine=engine)._identifying_params["choice_head_fingerprint"] is None
+    with pytest.raises(ConfigError, match="needs tool_scoring='likelihood'"):
+        DeltaMemChat(engine=engine, choice_head=str(tmp_path / "reply"))  # the grammar choice would ignore it
+    with pytest.raises(AdapterError, match="is not a tool-choice head"):
+        DeltaMemChat(engine=engine, tool_scoring="likelihood", choice_head=str(tmp_path / "nothing"))
 
 
 SPECS_AS_TOOLS = [
@@ -147,6 +153,10 @@ def test_extract_save_load_round_trip(engine, tmp_path):
     back = load_features(tmp_path / "f.safetensors")
     assert back.domains == ["two"] * len(items) and back.answers == [i.answer for i in items]
     assert all(torch.equal(a, b) for a, b in zip(back.features, feats.features))
+    assert all(torch.equal(a, b) for a, b in zip(back.channel, feats.channel))
+    assert all(torch.equal(a, b) for a, b in zip(back.is_reply, feats.is_reply))
+    with pytest.raises(ValueError, match="unknown domains"):
+        items_of(toy_data(), ["three"])
 
 
 def separable(n_per_domain: int = 30, seed: int = 0) -> ItemFeatures:

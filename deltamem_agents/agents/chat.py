@@ -150,7 +150,7 @@ class DeltaMemChat(BaseChatModel):
     # Unknown constructor arguments are an error (pydantic's own message names them), not silently ignored;
     # ``max_tokens`` and ``model`` are accepted as the LangChain spellings of ``max_new_tokens`` / ``model_name``.
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
-    _loaded_head: Any = PrivateAttr(default=None)  # (path, ChoiceHead) of choice_head, read on first use
+    _loaded_head: Any = PrivateAttr(default=None)  # ((path, id(model)), ChoiceHead) of choice_head
 
     engine: Any = Field(exclude=True)
     window_messages: int = 4
@@ -199,7 +199,7 @@ class DeltaMemChat(BaseChatModel):
             kwargs.setdefault("result_copy_bias", 2.0)  # set by hand (no tool-result items in the request set)
             kwargs.setdefault("span_arguments", "strings")  # tune half: 22/31 -> 27/31 stated values exact
             shipped = SHIPPED_ADAPTERS / EMBEDDED_CHOICE_HEAD
-            if (shipped / CHOICE_HEAD_FILE).is_file():
+            if (shipped / CHOICE_HEAD_FILE).is_file() and kwargs["tool_scoring"] == "likelihood":
                 kwargs.setdefault("choice_head", str(shipped))
             # tuned on the tune half of the request set (docs/tool-choice.md): 1.5 for the channel score alone,
             # 0.75 (the middle of the tune half's plateau, 0 to 1.5) with the choice head
@@ -221,15 +221,32 @@ class DeltaMemChat(BaseChatModel):
         params["choice_head_fingerprint"] = self.choice_head_fingerprint()
         return params
 
+    def __init__(self, **data):
+        super().__init__(**data)
+        self._check_choice_head()
+
+    def _check_choice_head(self) -> None:
+        """A choice head is read (and checked against the backbone) when the chat is built, so a bad path fails
+        there with its reason (ConfigError / AdapterError), not at every later call; it needs the likelihood
+        choice."""
+        if self.choice_head is not None:
+            if self.tool_scoring != "likelihood":
+                raise ConfigError(
+                    f"choice_head={self.choice_head!r} needs tool_scoring='likelihood' (it re-scores the likelihood "
+                    "choice); set tool_scoring='likelihood' or choice_head=None"
+                )
+            self._choice_head()
+
     def _choice_head(self):
-        """The loaded tool-choice head (read once per chat and path), or None."""
+        """The loaded tool-choice head (read once per chat, path and model), or None."""
         if self.choice_head is None:
             return None
+        key = (self.choice_head, id(self.engine.model))
         cached = self._loaded_head
-        if cached is None or cached[0] != self.choice_head:
+        if cached is None or cached[0] != key:
             config = self.engine.model.config
             head = ChoiceHead.load(self.choice_head, config.hidden_size, config.num_hidden_layers + 1)
-            cached = self._loaded_head = (self.choice_head, head)
+            cached = self._loaded_head = (key, head)
         return cached[1]
 
     def choice_head_fingerprint(self) -> str | None:

@@ -91,6 +91,10 @@ class ChoiceHead:
         size = tensors["weight"].shape[0]
         if any(tensors[n].shape != (size,) for n in ("mean", "std")) or size % len(layers):
             raise AdapterError(f"{directory}: weight, mean and std must have one length, a multiple of the layers")
+        if tensors["reply_bias"].shape != (1,):
+            raise AdapterError(
+                f"{directory}: reply_bias must hold one number, not {tuple(tensors['reply_bias'].shape)}"
+            )
         if hidden_size is not None and size != len(layers) * hidden_size:
             raise AdapterError(
                 f"{directory}: this head reads {size // len(layers)}-wide states, the model's are {hidden_size} "

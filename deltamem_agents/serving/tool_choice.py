@@ -39,7 +39,7 @@ class ActionChoice:
 
     action: str
     scores: dict[str, float]
-    method: str  # "channel" or "envelope"
+    method: str  # "channel", "channel+head", "envelope" (after a tool result) or "only" (one action allowed)
 
 
 def choose_action(

@@ -82,6 +82,9 @@ def items_of(data: dict, domains=None, per_tool: int | None = None) -> list[Choi
     """Every request (or the first ``per_tool`` of each tool), off-topic message and assigned general reply of
     ``domains`` (default: all), in order."""
     names = sorted(data["domains"])
+    unknown = set(domains or ()) - set(names)
+    if unknown:
+        raise ValueError(f"unknown domains {sorted(unknown)}; the data has {names}")
     assigned = {n: [] for n in names}
     for i, text in enumerate(data["replies"]):
         assigned[names[i % len(names)]].append(text)
@@ -114,7 +117,8 @@ def extract(engine, items: list[ChoiceItem], layers=DEFAULT_LAYERS, log=print) -
 
 
 def save_features(feats: ItemFeatures, path) -> None:
-    """One JSON file (the features as nested lists would be large: they go into a safetensors file beside)."""
+    """One safetensors file: each item's features, channel scores and reply flags, with the domains and answers
+    in its metadata (JSON)."""
     from safetensors.torch import save_file
 
     tensors = {}
