@@ -96,8 +96,15 @@ def test_state_bytes_are_checked_against_the_models_layers(saved):
 def test_the_package_ships_adapter_files_only():
     from deltamem_agents.core.adapter import SHIPPED_ADAPTERS
 
-    files = sorted(p.name for p in SHIPPED_ADAPTERS.rglob("*") if p.is_file())
-    assert files and set(files) == {"adapter.safetensors", "deltamem_config.json"}
+    # each shipped folder is a memory adapter (weights + config) or a tool-choice head (weights + config), no
+    # optimizer or trainer state
+    kinds = {
+        frozenset({"adapter.safetensors", "deltamem_config.json"}),
+        frozenset({"choice_head.safetensors", "choice_head.json"}),
+    }
+    folders = [d for d in SHIPPED_ADAPTERS.iterdir() if d.is_dir()]
+    assert folders and all(frozenset(p.name for p in d.iterdir() if p.is_file()) in kinds for d in folders)
+    assert not [p for p in SHIPPED_ADAPTERS.rglob("*") if p.is_file() and p.parent not in folders]
 
 
 def test_export_adapter_copies_weights_and_config_of_a_checkpoint(tmp_path):
