@@ -106,11 +106,20 @@ def channel_sequences(tokenizer, messages: list[dict], options: list) -> list[tu
     return sequences
 
 
+def _options(specs: list[ToolSpec], allow_reply: bool) -> list[ToolSpec | None]:
+    """The actions to score: each tool's spec, then None for the reply when it is allowed."""
+    return [*specs, *([None] if allow_reply else [])]
+
+
+def _action_name(option: ToolSpec | None) -> str:
+    return option.name if option is not None else REPLY_ACTION
+
+
 def channel_scores(engine, state, messages: list[dict], specs: list[ToolSpec], allow_reply: bool) -> dict[str, float]:
     """log p(newest user message | the system message plus "the user asks for <action>") for every action."""
-    options: list[ToolSpec | None] = [*specs, *([None] if allow_reply else [])]
+    options = _options(specs, allow_reply)
     logprobs = batch_sequence_logprobs(engine, state, channel_sequences(engine.tokenizer, messages, options))
-    return {(spec.name if spec else REPLY_ACTION): sum(lp) for spec, lp in zip(options, logprobs)}
+    return {_action_name(option): sum(lp) for option, lp in zip(options, logprobs)}
 
 
 def channel_features(engine, state, messages, options: list, layers) -> tuple[list[float], torch.Tensor]:
@@ -118,18 +127,18 @@ def channel_features(engine, state, messages, options: list, layers) -> tuple[li
     its channel sequence's last token, concatenated, (A, F); one forward for all."""
     sequences = channel_sequences(engine.tokenizer, messages, options)
     logprobs, hidden = _batch_forward(engine, state, sequences, hidden_states=True)
-    rows = torch.arange(len(sequences))
-    last = torch.tensor([ids.shape[0] - 1 for ids, _ in sequences])  # (A,)
-    features = torch.cat([hidden[i][rows, last].float() for i in layers], dim=-1)  # (A, F)
-    return [sum(lp) for lp in logprobs], features
+    rows = torch.arange(len(sequences), device=hidden[0].device)
+    last = torch.tensor([ids.shape[0] - 1 for ids, _ in sequences], device=hidden[0].device)  # (A,)
+    features = torch.cat([hidden[i][rows, last].float() for i in layers], dim=-1)  # (A, F), on the model's device
+    return [sum(lp) for lp in logprobs], features.cpu()
 
 
 def channel_and_head_scores(engine, state, messages, specs: list[ToolSpec], allow_reply: bool, head):
     """(channel scores, head scores) of every action from the same forward (``serving.choice_head``)."""
-    options: list[ToolSpec | None] = [*specs, *([None] if allow_reply else [])]
+    options = _options(specs, allow_reply)
     channel, features = channel_features(engine, state, messages, options, head.layers)
     learned = head.score(features, torch.tensor([o is None for o in options])).tolist()
-    names = [spec.name if spec else REPLY_ACTION for spec in options]
+    names = [_action_name(option) for option in options]
     return dict(zip(names, channel)), dict(zip(names, learned))
 
 
@@ -159,7 +168,7 @@ def batch_sequence_logprobs(engine, state, sequences: list[tuple[torch.Tensor, i
 
 def _batch_forward(engine, state, sequences, hidden_states: bool = False) -> tuple[list[list[float]], tuple | None]:
     """The per-token log-probabilities of :func:`batch_sequence_logprobs`, and with ``hidden_states`` the
-    model's hidden states (a tuple of (B, T, H), 0 = embeddings) of the same forward."""
+    model's hidden states (a tuple of (B, T, H) on the model's device, 0 = embeddings) of the same forward."""
     if not sequences:
         return [], None
     state = state or engine.empty_state()
@@ -175,8 +184,7 @@ def _batch_forward(engine, state, sequences, hidden_states: bool = False) -> tup
     for row, (ids, start) in enumerate(sequences):
         targets = ids[start:].to(logprobs.device)
         out.append(logprobs[row, start - 1 : ids.shape[0] - 1].gather(1, targets[:, None]).flatten().tolist())
-    hidden = tuple(h.cpu() for h in output.hidden_states) if hidden_states else None
-    return out, hidden
+    return out, (output.hidden_states if hidden_states else None)
 
 
 def continuation_logprobs(engine, state, prompt_ids: torch.Tensor, continuations: list[list[int]]) -> list[list[float]]:

@@ -179,8 +179,8 @@ def fit_head(feats: ItemFeatures, layers, l2: float, steps: int = 300, lr: float
     optimizer = torch.optim.Adam([weight, reply_bias, log_channel], lr=lr)
     tool_item = ~is_reply[torch.arange(len(answers)), answers]  # (N,)
     for _ in range(steps):
-        head = ChoiceHead(tuple(layers), weight, mean, std, reply_bias, channel_weight=1.0)
-        logits = log_channel.exp() * channel + (head_logits(head, features, channel, is_reply) - channel)
+        head = ChoiceHead(tuple(layers), weight, mean, std, reply_bias, channel_weight=log_channel.exp())
+        logits = head_logits(head, features, channel, is_reply)
         auto = logits.masked_fill(~valid, -1e9)
         tools_only = auto.masked_fill(is_reply, -1e9)[tool_item]
         loss = torch.nn.functional.cross_entropy(auto, answers)
