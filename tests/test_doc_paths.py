@@ -32,7 +32,7 @@ def test_every_documented_import_path_resolves():
     for path in DOCS:
         text = path.read_text()
         for module, names in FROM_IMPORT.findall(text):
-            for name in (n.strip() for n in names.split(",")):
+            for name in (n.split(" as ")[0].strip() for n in names.split(",")):
                 if name:
                     seen += 1
                     if not resolve(f"{module}.{name}"):
