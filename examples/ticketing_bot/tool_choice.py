@@ -201,6 +201,10 @@ def main(argv=None) -> int:
         "--span-arguments", default=None, choices=["none", "strings"], help="override DeltaMemChat.span_arguments"
     )
     parser.add_argument(
+        "--span-scoring", default=None, choices=["greedy", "likelihood"], help="override DeltaMemChat.span_scoring"
+    )
+    parser.add_argument("--span-length-power", type=float, default=None, help="override DeltaMemChat.span_length_power")
+    parser.add_argument(
         "--choice-head", default=None, help="override DeltaMemChat.choice_head: a folder, or none (channel score alone)"
     )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
@@ -242,6 +246,10 @@ def main(argv=None) -> int:
         overrides["reply_bias"] = args.reply_bias
     if args.span_arguments is not None:
         overrides["span_arguments"] = {} if args.span_arguments == "none" else args.span_arguments
+    if args.span_scoring is not None:
+        overrides["span_scoring"] = args.span_scoring
+    if args.span_length_power is not None:
+        overrides["span_length_power"] = args.span_length_power
     if args.choice_head is not None:
         overrides["choice_head"] = None if args.choice_head == "none" else args.choice_head
     chat = DeltaMemChat.from_backbone(args.backbone, **overrides)
@@ -269,6 +277,8 @@ def main(argv=None) -> int:
                     "reply_bias",
                     "copy_bias",
                     "span_arguments",
+                    "span_scoring",
+                    "span_length_power",
                     "choice_head",
                     "max_new_tokens",
                     "repetition",
