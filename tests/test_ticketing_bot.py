@@ -42,7 +42,7 @@ def test_the_bot_creates_a_ticket_through_its_tool(tmp_path):
     listing = make_tools(db)[1]
     assert listing.name == "list_my_tickets"
     text = listing.invoke({}, {"configurable": {"user_id": "dana"}})  # plain sentences, comments included
-    assert text.startswith('Ticket 1 "VPN drops" is open') and "Problem: every hour" in text
+    assert text.startswith("Your ticket 1 is open") and "Title: VPN drops" in text and "Problem: every hour" in text
     assert listing.invoke({}, {"configurable": {"user_id": "eve"}}) == "You have no open tickets."
 
 

@@ -45,6 +45,7 @@ from deltamem_agents.serving.choice_head import WEIGHTS_FILE as CHOICE_HEAD_FILE
 from deltamem_agents.serving.choice_head import ChoiceHead
 from deltamem_agents.serving.engine import GenerationDone, GenerationSettings, MemoryEngine
 from deltamem_agents.serving.repetition import CopyBias, RepetitionSettings
+from deltamem_agents.serving.sentence_limit import CloseAtSentenceEnd, SentenceLimit
 from deltamem_agents.serving.span_choice import SpanChoice, best_span, span_scores
 from deltamem_agents.serving.span_copy import SpanCopy
 from deltamem_agents.serving.thread_locks import ThreadLocks
@@ -150,6 +151,11 @@ class DeltaMemChat(BaseChatModel):
         trained on single turns.
       - ``result_copy_bias``: after a tool result, added to the logits of the result's tokens while the reply
         text is decoded, so the reply restates what the tool said (the model still writes it).
+      - ``reply_sentences``: a reply stops after this many sentences (``serving.sentence_limit``; tool arguments
+        are never cut); None: no limit but ``max_new_tokens``.
+      - ``reply_closes_at_sentence_end``: inside a reply envelope the reply may only end after a finished sentence
+        (``serving.sentence_limit.CloseAtSentenceEnd``): a quote copied from a tool result ("Event 3 \"budget
+        review\" ...") no longer ends the reply mid-sentence.
     """
 
     # Unknown constructor arguments are an error (pydantic's own message names them), not silently ignored;
@@ -182,6 +188,8 @@ class DeltaMemChat(BaseChatModel):
     span_scoring: Literal["greedy", "likelihood"] = "greedy"
     span_length_power: float = Field(0.75, ge=0.0)
     result_copy_bias: float = 0.0
+    reply_sentences: int | None = Field(None, gt=0)
+    reply_closes_at_sentence_end: bool = False
     reply_envelope: bool = False
     choice_head: str | None = None
     choice_window: bool = False
@@ -203,7 +211,11 @@ class DeltaMemChat(BaseChatModel):
         if backbone == EMBEDDED_BACKBONE:
             kwargs.setdefault("tool_scoring", "likelihood")
             kwargs.setdefault("copy_bias", 2.0)
-            kwargs.setdefault("result_copy_bias", 2.0)  # set by hand (no tool-result items in the request set)
+            # replies after a tool result, tune half of examples/ticketing_bot/result_replies.json: 8/12 with bias 2
+            # and no limit, 10/12 with bias 3, two sentences and no close mid-sentence (docs/tool-choice.md)
+            kwargs.setdefault("result_copy_bias", 3.0)
+            kwargs.setdefault("reply_sentences", 2)
+            kwargs.setdefault("reply_closes_at_sentence_end", True)
             kwargs.setdefault("span_arguments", "strings")  # tune half: 22/31 -> 27/31 stated values exact
             kwargs.setdefault("span_scoring", "likelihood")  # tune half: 46/51 -> 47/51 stated (powers 0.25-0.75)
             shipped = SHIPPED_ADAPTERS / EMBEDDED_CHOICE_HEAD
@@ -457,9 +469,13 @@ class DeltaMemChat(BaseChatModel):
             )
         if under_grammar and self.copy_bias and copy_tokens:
             controls.append(CopyBias(frozenset(copy_tokens), self.copy_bias, after=ARGUMENTS_HEAD))
+        reply_head = REPLY_HEAD if under_grammar else ""  # where the reply text begins
         if turn is not None and self.result_copy_bias and turn.result_tokens:  # the reply text (plain or enveloped)
-            head = REPLY_HEAD if under_grammar else ""
-            controls.append(CopyBias(frozenset(turn.result_tokens), self.result_copy_bias, after=head))
+            controls.append(CopyBias(frozenset(turn.result_tokens), self.result_copy_bias, after=reply_head))
+        if self.reply_sentences is not None:
+            controls.append(SentenceLimit(self.reply_sentences, after=reply_head))
+        if under_grammar and self.reply_closes_at_sentence_end:
+            controls.append(CloseAtSentenceEnd(self.engine.tokenizer, after=REPLY_HEAD))
         return GenerationSettings(
             controls=tuple(controls),
             max_new_tokens=int(kwargs.get("max_new_tokens", self.max_new_tokens)),

@@ -185,7 +185,7 @@ def scorecard(data: Path, user: str) -> int:
         ("a ticket was created whose title or description contains 'laptop'", bool(laptop)),
         (
             "a comment containing 'power' was added",
-            any("power" in c["text"].lower() for t in tickets for c in t["comments"] if c["author"] == "agent"),
+            any("power" in c["text"].lower() for t in tickets for c in t["comments"] if c["author"] == user),
         ),
         ("session 2's replies contain 'waiting for parts'", "waiting for parts" in session2.lower()),
         ("session 2's replies contain 'Thursday'", "thursday" in session2.lower()),

@@ -16,12 +16,19 @@ def make_tools(db: TicketDB) -> list:
     def user(config: RunnableConfig) -> str:
         return config["configurable"]["user_id"]
 
-    def summary(ticket: dict) -> str:
-        """A ticket as a few plain sentences: easier for a small model to restate than JSON."""
-        lines = [f'Ticket {ticket["id"]} "{ticket["title"]}" is {ticket["status"]} (updated {ticket["updated"]}).']
-        if ticket.get("description"):
+    def summary(ticket: dict, reader: str) -> str:
+        """A ticket as a few plain sentences to ``reader`` (the user), status and newest note first: a small model
+        restates the first sentences it reads, and those answer "how is my ticket doing?"."""
+        comments = ticket.get("comments", [])
+        first = f"Your ticket {ticket['id']} is {ticket['status']} (updated {ticket['updated']})."
+        if comments:
+            newest = comments[-1]
+            who = "You" if newest["author"] == reader else f"The {newest['author']}"
+            first += f" {who} wrote: {newest['text']}"
+        lines = [first, f"Title: {ticket['title']}"]
+        if ticket.get("description") and ticket["description"] != ticket["title"]:
             lines.append(f"Problem: {ticket['description']}")
-        lines += [f"Comment by {c['author']}: {c['text']}" for c in ticket.get("comments", [])]
+        lines += [f"Earlier comment by {c['author']}: {c['text']}" for c in reversed(comments[:-1])]
         if ticket.get("resolution"):
             lines.append(f"Resolution: {ticket['resolution']}")
         return "\n".join(lines)
@@ -37,12 +44,12 @@ def make_tools(db: TicketDB) -> list:
             title: a few words that name the problem.
             description: the problem as the user describes it.
         """
-        return summary(db.create(user(config), title, description, day(config)))
+        return summary(db.create(user(config), title, description, day(config)), user(config))
 
     @tool
     def list_my_tickets(config: RunnableConfig) -> str:
         """List the user's open tickets with their status."""
-        tickets = [summary(db.get(user(config), t["id"])) for t in db.list(user(config))]
+        tickets = [summary(db.get(user(config), t["id"]), user(config)) for t in db.list(user(config))]
         return "\n".join(tickets) or "You have no open tickets."
 
     @tool(parse_docstring=True)
@@ -53,7 +60,7 @@ def make_tools(db: TicketDB) -> list:
             ticket_id: the ticket's number.
         """
         try:
-            return summary(db.get(user(config), ticket_id))
+            return summary(db.get(user(config), ticket_id), user(config))
         except TicketError as err:
             return str(err)
 
@@ -70,7 +77,7 @@ def make_tools(db: TicketDB) -> list:
             status: the new status.
         """
         try:
-            return summary(db.update_status(user(config), ticket_id, status, day(config)))
+            return summary(db.update_status(user(config), ticket_id, status, day(config)), user(config))
         except TicketError as err:
             return str(err)
 
@@ -83,7 +90,9 @@ def make_tools(db: TicketDB) -> list:
             comment: the note, in the user's words.
         """
         try:
-            return summary(db.comment(user(config), ticket_id, comment, day=day(config)))
+            return summary(
+                db.comment(user(config), ticket_id, comment, author=user(config), day=day(config)), user(config)
+            )
         except TicketError as err:
             return str(err)
 
@@ -96,7 +105,7 @@ def make_tools(db: TicketDB) -> list:
             resolution: how the problem was solved.
         """
         try:
-            return summary(db.close(user(config), ticket_id, resolution, day(config)))
+            return summary(db.close(user(config), ticket_id, resolution, day(config)), user(config))
         except TicketError as err:
             return str(err)
 

@@ -1,0 +1,102 @@
+"""Replies that stop after a number of sentences (``serving.sentence_limit``, ``DeltaMemChat.reply_sentences``)."""
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from tiny_chat import Script, tiny_engine
+
+from deltamem_agents.agents.chat import DeltaMemChat
+from deltamem_agents.serving.sentence_limit import count_sentences
+
+
+def lookup_ticket(ticket_id: int) -> str:
+    """Look up a ticket."""
+    return "ok"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine()
+
+
+@pytest.mark.parametrize(
+    "text, sentences",
+    [
+        ("Your ticket 1 is open (updated Monday).", 1),
+        ("Hi. How", 1),
+        ("Wow!! Really? Yes", 2),
+        ('He said "ok." Then', 1),
+        ("Total 7.50. Then more", 0),  # a full stop after a digit may be a decimal point: never counted
+        ("v1.2 is out", 0),
+        ("one\ntwo", 1),
+        ("one\\ntwo", 1),  # a line break inside a JSON string
+        ("no end yet", 0),
+    ],
+)
+def test_count_sentences(text, sentences):
+    assert count_sentences(text) == sentences
+
+
+def test_a_reply_stops_after_its_sentence_limit(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=80, repetition=None)
+    with Script(engine, "Fine. Thanks for asking! More text here."):
+        assert chat.invoke([HumanMessage("hi")]).content == "Fine. Thanks for asking! More text here."
+    limited = chat.model_copy(update={"reply_sentences": 2})
+    with Script(engine, "Fine. Thanks for asking! More text here."):
+        assert limited.invoke([HumanMessage("hi")]).content == "Fine. Thanks for asking!"
+
+
+def test_the_limit_cuts_an_enveloped_reply_but_never_a_tool_call(engine):
+    call = {"name": "lookup_ticket", "args": {"ticket_id": 4}, "id": "c1", "type": "tool_call"}
+    history = [HumanMessage("ticket 4?"), AIMessage("", tool_calls=[call]), ToolMessage("open.", tool_call_id="c1")]
+    chat = DeltaMemChat(engine=engine, max_new_tokens=80, repetition=None, reply_sentences=1)
+    bound = chat.bind_tools([lookup_ticket], tool_choice="none")  # the prompt shows a call: the envelope is used
+    with Script(engine, '{"action": "reply", "text": "It is open. It was opened on Monday."}'):
+        assert bound.invoke(history).content == "It is open."
+    calling = chat.bind_tools([lookup_ticket], tool_choice="any")
+    with Script(engine, '{"action": "lookup_ticket", "arguments": {"ticket_id": 4}}'):
+        assert calling.invoke([HumanMessage("Ticket 4. Please. Now.")]).tool_calls[0]["args"] == {"ticket_id": 4}
+
+
+def test_an_enveloped_reply_closes_only_after_a_finished_sentence():
+    import torch
+
+    from deltamem_agents.serving.sentence_limit import CloseAtSentenceEnd
+
+    class Tokens:
+        vocab = ['{"text": "', "Event 3 ", '"', '",', "budget", ".", " ok"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def decode(self, ids):
+            return "".join(self.vocab[i] for i in ids)
+
+    tokenizer = Tokens()
+
+    def allowed_after(tokens):
+        state = CloseAtSentenceEnd(tokenizer, after='{"text": "').start()
+        produced = []
+        for token in tokens:
+            produced.append(token)
+            state.observe(token, produced, tokenizer.decode(produced))
+        logits = torch.zeros(len(tokenizer))
+        state.adjust(logits)
+        return set(torch.isfinite(logits).nonzero().flatten().tolist())
+
+    everything = set(range(len(tokenizer.vocab)))
+    quotes = {0, 2, 3}  # every token with an unescaped quote
+    assert allowed_after([]) == everything  # before the reply head: nothing is touched
+    assert allowed_after([0]) == everything - quotes  # an empty reply may not close
+    assert allowed_after([0, 1]) == everything - quotes  # "Event 3 " is mid-sentence: the quote is refused
+    assert allowed_after([0, 1, 4, 5]) == everything  # "Event 3 budget." has ended: it may close
+    assert allowed_after([0, 1, 4, 5, 6]) == everything - quotes
+
+
+def test_the_limit_lets_a_closed_envelope_finish():
+    from deltamem_agents.serving.sentence_limit import SentenceLimit
+
+    state = SentenceLimit(1, after='"text": "').start()
+    assert not state.observe(0, [0], '{"text": "Done so')
+    assert state.observe(0, [0], '{"text": "Done. So')  # one sentence: stop
+    closed = SentenceLimit(1, after='"text": "').start()
+    assert not closed.observe(0, [0], '{"text": "Done."')  # the string is closed: the grammar adds the brace
