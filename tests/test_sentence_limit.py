@@ -2,7 +2,7 @@
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from tiny_chat import Script, tiny_engine
+from tiny_chat import Script, VocabTokens, tiny_engine
 
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.serving.sentence_limit import count_sentences
@@ -62,16 +62,7 @@ def test_an_enveloped_reply_closes_only_after_a_finished_sentence():
 
     from deltamem_agents.serving.sentence_limit import CloseAtSentenceEnd
 
-    class Tokens:
-        vocab = ['{"text": "', "Event 3 ", '"', '",', "budget", ".", " ok"]
-
-        def __len__(self):
-            return len(self.vocab)
-
-        def decode(self, ids):
-            return "".join(self.vocab[i] for i in ids)
-
-    tokenizer = Tokens()
+    tokenizer = VocabTokens(['{"text": "', "Event 3 ", '"', '",', "budget", ".", " ok"])
 
     def allowed_after(tokens):
         state = CloseAtSentenceEnd(tokenizer, after='{"text": "').start()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-from tiny_chat import Script, tiny_engine
+from tiny_chat import Script, VocabTokens, tiny_engine
 
 from deltamem_agents.agents.chat import DeltaMemChat
 from deltamem_agents.core.errors import ConfigError
@@ -247,16 +247,8 @@ def test_combine_counts_a_value_only_where_the_any_choice_was_right():
 def test_a_span_value_opens_with_the_bare_quote():
     from deltamem_agents.serving.span_copy import SpanCopy
 
-    class MergedTokens:  # like SmolLM2's: ' ",' opens a string and writes a comma at once
-        vocab = ['{"', "day", '":', ' "', ' ",', "Wed", "nesday", '"', ", 11"]
-
-        def __len__(self):
-            return len(self.vocab)
-
-        def decode(self, ids):
-            return "".join(self.vocab[i] for i in ids)
-
-    tokenizer = MergedTokens()
+    # like SmolLM2's: ' ",' opens a string and writes a comma at once
+    tokenizer = VocabTokens(['{"', "day", '":', ' "', ' ",', "Wed", "nesday", '"', ", 11"])
     state = SpanCopy("Could it be moved to Wednesday at 11:15?", frozenset({"day"}), tokenizer).start()
     produced = []
     for token in (0, 1, 2):  # {"day":
@@ -277,16 +269,8 @@ def test_a_span_value_opens_with_the_bare_quote():
 def test_a_span_value_closes_at_the_end_of_the_source_after_its_full_stop():
     from deltamem_agents.serving.span_copy import SpanCopy
 
-    class WordTokens:  # a span that reaches the request's final "." can only close (it once ran on freely)
-        vocab = ['{"', "title", '":', ' "', "Fix", " it", ".", '"', " Please", " again"]
-
-        def __len__(self):
-            return len(self.vocab)
-
-        def decode(self, ids):
-            return "".join(self.vocab[i] for i in ids)
-
-    tokenizer = WordTokens()
+    # a span that reaches the request's final "." can only close (it once ran on freely)
+    tokenizer = VocabTokens(['{"', "title", '":', ' "', "Fix", " it", ".", '"', " Please", " again"])
 
     def allowed_after(source, tokens):
         state = SpanCopy(source, frozenset({"title"}), tokenizer).start()

@@ -48,3 +48,17 @@ def char_tokenizer():
     ``<|im_start|>`` / ``<|im_end|>``, a ChatML template without a default system prompt."""
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,?!'=#-"
     return char_level_tokenizer(chars, CHATML_PLAIN, pad_token="<unk>")
+
+
+class VocabTokens:
+    """A tokenizer stand-in over an explicit vocabulary (a list of token texts): enough for the logits
+    processors, which only decode ids (``len`` and ``decode``)."""
+
+    def __init__(self, vocab: list[str]):
+        self.vocab = vocab
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)

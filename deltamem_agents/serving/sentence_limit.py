@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deltamem_agents.serving.span_copy import token_texts
+
 # (inside a JSON string a line break is the two characters "\n", and a quote is escaped)
 _SENTENCE_END = re.compile(r"(?:(?<![\d.])\.|[!?])[.!?]*(?:\\?[\"')\]])*(?=\s|\\n|$)|\n|\\n")
 
@@ -86,8 +88,6 @@ _ENDED = re.compile(r"[.!?](?:\\?[\"')\]])*\s*$")
 
 class _CloseState:
     def __init__(self, settings: CloseAtSentenceEnd):
-        from deltamem_agents.serving.span_copy import token_texts
-
         self.settings = settings
         texts = token_texts(settings.tokenizer)
         self.closers = torch.tensor([i for i, t in enumerate(texts) if _UNESCAPED_QUOTE.search(t)])

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from deltamem_agents.core.cache import DeltaMemCache
-from deltamem_agents.serving.span_copy import _keep_only, _value_may_end, _word_start, token_texts
+from deltamem_agents.serving.span_copy import (
+    _keep_only,
+    _value_may_end,
+    _word_start,
+    closing_quote_ids,
+    opening_quote_ids,
+)
 
 DEFAULT_MAX_WORDS = 12
 
@@ -64,10 +70,6 @@ def span_bounds(source: str, max_words: int = DEFAULT_MAX_WORDS) -> dict[int, li
     return out
 
 
-def _closer_ids(tokenizer) -> torch.Tensor:
-    return torch.tensor([i for i, t in enumerate(token_texts(tokenizer)) if t.startswith('"')])
-
-
 def _boundaries(tokenizer, text: str) -> tuple[list[int], dict[int, int]]:
     """The token ids of ``text`` and ``{character length: token count}`` at each token boundary."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -79,7 +81,7 @@ def span_scores(engine, state, prefix_ids: torch.Tensor, source: str, max_words:
     """Every span of :func:`span_bounds` scored after ``prefix_ids`` (``(T,)``: the prompt and the envelope up to
     the value's opening quote): the prefix runs once, then one forward per start word over the longest span from
     it, and the KV cache is cropped back. A span whose end falls inside a token is skipped."""
-    closers = _closer_ids(engine.tokenizer)
+    closers = torch.tensor(closing_quote_ids(engine.tokenizer))
     out = []
     with engine.lock, torch.no_grad():
         cache = DeltaMemCache(engine.model, state or engine.empty_state(), writes=False)
@@ -102,7 +104,7 @@ def span_scores(engine, state, prefix_ids: torch.Tensor, source: str, max_words:
 
 def span_scores_naive(engine, state, prefix_ids: torch.Tensor, source: str, max_words: int = DEFAULT_MAX_WORDS):
     """The reference for :func:`span_scores`: each span tokenized alone and scored with its own full forward."""
-    closers = _closer_ids(engine.tokenizer)
+    closers = torch.tensor(closing_quote_ids(engine.tokenizer))
     out = []
     for start, ends in span_bounds(source, max_words).items():
         for end in ends:
@@ -146,11 +148,10 @@ class SpanChoice:
 class _ChoiceState:
     def __init__(self, settings: SpanChoice):
         self.settings = settings
-        texts = token_texts(settings.tokenizer)
         self.keys = tuple(f'"{name}":' for name in settings.arguments)
         self.heads = tuple(f'"{name}": "' for name in settings.arguments)
-        self.closers = [i for i, t in enumerate(texts) if t.startswith('"')]
-        self.openers = [i for i, t in enumerate(texts) if t.strip() == '"']  # a bare quote opens the value
+        self.closers = list(closing_quote_ids(settings.tokenizer))
+        self.openers = list(opening_quote_ids(settings.tokenizer))  # a bare quote opens the value
         self.forced: list[int] = []
         self.closing = False
         self.text = ""

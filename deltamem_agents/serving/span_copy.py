@@ -45,9 +45,8 @@ class _SpanState:
         self.keys = tuple(f'"{name}":' for name in settings.arguments)
         texts = token_texts(settings.tokenizer)
         self.pieces = _pieces(texts, self.source)  # [(token id, lower-case text)] of tokens inside the source
-        self.closers = [i for i, t in enumerate(texts) if t.startswith('"')]
-        # the token that opens the value must be the bare quote: a merged one (' ",') would write past the head
-        self.openers = [i for i, t in enumerate(texts) if t.strip() == '"']
+        self.closers = list(closing_quote_ids(settings.tokenizer))
+        self.openers = list(opening_quote_ids(settings.tokenizer))
         self.value_start: int | None = None  # index in the decoded text where the current value begins
         self.text = ""  # the decoded text so far
 
@@ -131,6 +130,19 @@ def _pieces(texts: tuple[str, ...], source: str) -> list[tuple[int, str]]:
 def token_texts(tokenizer) -> tuple[str, ...]:
     """The decoded text of every token id (cached per tokenizer)."""
     return tuple(tokenizer.decode([i]) for i in range(len(tokenizer)))
+
+
+@lru_cache(maxsize=4)
+def closing_quote_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of tokens that start with a quote: each can end a JSON string value (cached per tokenizer)."""
+    return tuple(i for i, t in enumerate(token_texts(tokenizer)) if t.startswith('"'))
+
+
+@lru_cache(maxsize=4)
+def opening_quote_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of the bare quote tokens (``"`` with optional spaces): the only ones that may open a value whose
+    text must follow its head exactly; a merged one (``' ",'``) would write past it (cached per tokenizer)."""
+    return tuple(i for i, t in enumerate(token_texts(tokenizer)) if t.strip() == '"')
 
 
 @lru_cache(maxsize=4)
