@@ -337,3 +337,11 @@ def test_the_choice_scores_the_current_turn_unless_told_to_see_the_window(engine
     contents = [m["content"] for m in seen[0]]
     assert seen[0][0]["role"] == "system" and contents[-1] == "ticket 4?"
     assert ("older question" in contents and "older answer" in contents) == window
+
+
+def test_quote_token_ids_split_closers_from_bare_openers():
+    from deltamem_agents.serving.span_copy import closing_quote_ids, opening_quote_ids
+
+    tokenizer = VocabTokens(['"', ' "', '",', ' ",', "a", 'b"', '"}'])
+    assert closing_quote_ids(tokenizer) == (0, 2, 6)  # a token that starts with the quote ends a value
+    assert opening_quote_ids(tokenizer) == (0, 1)  # only a bare quote (spaces allowed) opens one
