@@ -91,3 +91,40 @@ def test_the_limit_lets_a_closed_envelope_finish():
     assert state.observe(0, [0], '{"text": "Done. So')  # one sentence: stop
     closed = SentenceLimit(1, after='"text": "').start()
     assert not closed.observe(0, [0], '{"text": "Done."')  # the string is closed: the grammar adds the brace
+
+
+def test_a_long_sentence_ends_at_its_next_clause_break(engine):
+    chat = DeltaMemChat(engine=engine, max_new_tokens=80, repetition=None, reply_sentence_words=2)
+    with Script(engine, "ab, cd ef, gh ij, kl."):
+        assert chat.invoke([HumanMessage("hi")]).content == "ab, cd ef. gh ij. kl."
+    one = chat.model_copy(update={"reply_sentences": 1})
+    with Script(engine, "ab, cd ef, gh ij, kl."):
+        assert one.invoke([HumanMessage("hi")]).content == "ab, cd ef."
+    unlimited = chat.model_copy(update={"reply_sentence_words": None})
+    with Script(engine, "ab, cd ef, gh ij, kl."):
+        assert unlimited.invoke([HumanMessage("hi")]).content == "ab, cd ef, gh ij, kl."
+
+
+def test_the_clause_break_moves_the_comma_score_to_the_full_stop():
+    import torch
+
+    from deltamem_agents.serving.sentence_limit import SentenceLimit, open_sentence_words
+
+    tokenizer = VocabTokens(["one", " two", ",", " ,", ";", ".", " three", "!"])
+    assert open_sentence_words("Done. one two") == 2
+    assert open_sentence_words("one two.") == 0
+
+    def adjusted(text, logits):
+        state = SentenceLimit(None, sentence_words=2, tokenizer=tokenizer).start()
+        state.observe(0, [0], text)
+        logits = torch.tensor(logits)
+        state.adjust(logits)
+        return logits.tolist()
+
+    scores = [0.0, 1.0, 5.0, 4.0, 3.0, 2.0, 0.5, 0.0]
+    assert adjusted("one", scores) == scores  # a short sentence keeps its commas
+    inf = float("-inf")
+    assert adjusted("one two", scores) == [0.0, 1.0, inf, inf, inf, 5.0, 0.5, 0.0]
+    assert adjusted("one two", [9.0, 1.0, 5.0, 4.0, 3.0, 6.0, 0.5, 0.0])[5] == 6.0  # a stronger stop stays
+    with pytest.raises(ValueError, match="tokenizer"):
+        SentenceLimit(2, sentence_words=3)

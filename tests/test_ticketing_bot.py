@@ -61,3 +61,19 @@ def test_embedded_backbone_makes_a_well_formed_tool_call(tmp_path):
     tool_names = {t.name for t in make_tools(db)}
     assert all(c["name"] in tool_names and isinstance(c["args"], dict) for c in calls)
     assert any(isinstance(m, ToolMessage) for m in state["messages"])
+
+
+def test_ticket_summaries_lead_with_the_news(tmp_path):
+    db = TicketDB(tmp_path / "t.db")
+    tools = {t.name: t for t in make_tools(db)}
+    config = {"configurable": {"user_id": "dana", "story_day": "Monday"}}
+    tools["create_ticket"].invoke({"title": "laptop", "description": "will not boot"}, config)
+    commented = tools["comment_on_ticket"].invoke({"ticket_id": 1, "comment": "tried the power button"}, config)
+    assert commented.startswith("Your ticket 1 is open (updated Monday). You wrote: tried the power button.\n")
+    db.comment("dana", 1, "Battery ordered.", author="technician")
+    looked = tools["lookup_ticket"].invoke({"ticket_id": 1}, config)
+    assert looked.splitlines()[0].endswith("The technician wrote: Battery ordered.")
+    assert "Earlier comment by dana: tried the power button" in looked
+    closed = tools["close_ticket"].invoke({"ticket_id": 1, "resolution": "it works again"}, config)
+    assert closed.startswith("Your ticket 1 is closed (updated Monday). Resolution: it works again.\n")
+    assert "Earlier comment by technician: Battery ordered." in closed

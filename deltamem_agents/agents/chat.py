@@ -153,6 +153,9 @@ class DeltaMemChat(BaseChatModel):
         text is decoded, so the reply restates what the tool said (the model still writes it).
       - ``reply_sentences``: a reply stops after this many sentences (``serving.sentence_limit``; tool arguments
         are never cut); None: no limit but ``max_new_tokens``.
+      - ``reply_sentence_words``: a reply sentence that already has this many words ends at its next clause
+        break (the comma or semicolon the model would write becomes a full stop, ``SentenceLimit.sentence_words``),
+        so comma-joined run-ons count as sentences; None: sentences of any length.
       - ``reply_closes_at_sentence_end``: inside a reply envelope the reply may only end after a finished sentence
         (``serving.sentence_limit.CloseAtSentenceEnd``): a quote copied from a tool result ("Event 3 \"budget
         review\" ...") no longer ends the reply mid-sentence.
@@ -189,6 +192,7 @@ class DeltaMemChat(BaseChatModel):
     span_length_power: float = Field(0.75, ge=0.0)
     result_copy_bias: float = 0.0
     reply_sentences: int | None = Field(None, gt=0)
+    reply_sentence_words: int | None = Field(None, gt=0)
     reply_closes_at_sentence_end: bool = False
     reply_envelope: bool = False
     choice_head: str | None = None
@@ -215,6 +219,9 @@ class DeltaMemChat(BaseChatModel):
             # and no limit, 10/12 with bias 3, two sentences and no close mid-sentence (docs/tool-choice.md)
             kwargs.setdefault("result_copy_bias", 3.0)
             kwargs.setdefault("reply_sentences", 2)
+            # a sentence of 25 words ends at its next comma (set a priori: the tune half has no comma run-on, and
+            # every value from 12 to 30 words leaves it at 10/12; the story's comment reply ran on for 150 tokens)
+            kwargs.setdefault("reply_sentence_words", 25)
             kwargs.setdefault("reply_closes_at_sentence_end", True)
             kwargs.setdefault("span_arguments", "strings")  # tune half: 22/31 -> 27/31 stated values exact
             kwargs.setdefault("span_scoring", "likelihood")  # tune half: 46/51 -> 47/51 stated (powers 0.25-0.75)
@@ -472,8 +479,15 @@ class DeltaMemChat(BaseChatModel):
         reply_head = REPLY_HEAD if under_grammar else ""  # where the reply text begins
         if turn is not None and self.result_copy_bias and turn.result_tokens:  # the reply text (plain or enveloped)
             controls.append(CopyBias(frozenset(turn.result_tokens), self.result_copy_bias, after=reply_head))
-        if self.reply_sentences is not None:
-            controls.append(SentenceLimit(self.reply_sentences, after=reply_head))
+        if self.reply_sentences is not None or self.reply_sentence_words is not None:
+            controls.append(
+                SentenceLimit(
+                    self.reply_sentences,
+                    after=reply_head,
+                    sentence_words=self.reply_sentence_words,
+                    tokenizer=self.engine.tokenizer,
+                )
+            )
         if under_grammar and self.reply_closes_at_sentence_end:
             controls.append(CloseAtSentenceEnd(self.engine.tokenizer, after=REPLY_HEAD))
         return GenerationSettings(

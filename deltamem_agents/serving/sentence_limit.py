@@ -7,12 +7,19 @@ that does not follow a digit (so decoding stops right after it, never inside "9.
 brackets, where the text ends or a space follows; and at a line break. A sentence that ends in a number ("Total
 7.50.") is not counted, so the limit may let one more sentence through.
 
+The same model also joins clause after clause with commas ("I will update you tomorrow, I will not turn the
+power button on, I will delete this ticket, ..."), so one "sentence" can fill the whole token budget. With
+``sentence_words`` a sentence that already has that many words ends at its next clause break: where the model
+would write a comma or semicolon, it writes a full stop instead (the comma's score goes to the full stop), and
+the sentence counts as finished. The model still picks where the clause ends.
+
 A logit control like those in ``serving.repetition``: ``start()`` returns the per-generation state, with
 ``adjust(logits)`` and ``observe(token, produced, text)`` (True: stop now).
 """
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -27,16 +34,41 @@ class SentenceLimit:
     """Stop the reply text once it holds ``max_sentences`` finished sentences.
 
     Attributes:
-        max_sentences: how many sentences the reply may have.
+        max_sentences: how many sentences the reply may have (None: any number).
         after: the limit counts from where the decoded text first contains this string (the head of a reply
             envelope; "" = from the first token).
+        sentence_words: a sentence with this many words ends at its next comma or semicolon (None: never).
+        tokenizer: the backbone's tokenizer; needed with ``sentence_words``.
     """
 
-    max_sentences: int
+    max_sentences: int | None
     after: str = ""
+    sentence_words: int | None = None
+    tokenizer: object = None
+
+    def __post_init__(self):
+        if self.sentence_words is not None and self.tokenizer is None:
+            raise ValueError("SentenceLimit(sentence_words=...) needs the tokenizer (to find the comma tokens)")
 
     def start(self) -> "_SentenceState":
         return _SentenceState(self)
+
+
+def open_sentence_words(text: str) -> int:
+    """Words of the sentence that ``text`` ends in, after its last finished sentence (0 if that one just ended)."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return len(text[ends[-1].end() if ends else 0 :].split())
+
+
+@lru_cache(maxsize=4)
+def clause_break_ids(tokenizer) -> tuple[tuple[int, ...], int]:
+    """(ids of the tokens that are a comma or semicolon, with or without a leading space; the id of ".")."""
+    texts = token_texts(tokenizer)
+    breaks = tuple(i for i, t in enumerate(texts) if t.strip() in (",", ";"))
+    stops = [i for i, t in enumerate(texts) if t == "."]
+    if not stops:
+        raise ValueError("the tokenizer has no '.' token: sentence_words cannot end a sentence")
+    return breaks, stops[0]
 
 
 def count_sentences(text: str) -> int:
@@ -47,18 +79,31 @@ def count_sentences(text: str) -> int:
 class _SentenceState:
     def __init__(self, settings: SentenceLimit):
         self.settings = settings
+        self.reply: str | None = None  # the open reply text so far (None before it begins or once it has closed)
+        if settings.sentence_words is not None:
+            self.breaks, self.stop = clause_break_ids(settings.tokenizer)
 
     def adjust(self, logits: torch.Tensor) -> None:
-        return None
+        words = self.settings.sentence_words
+        if words is None or self.reply is None or open_sentence_words(self.reply) < words:
+            return
+        breaks = torch.tensor(self.breaks, device=logits.device)  # (K,)
+        best_break = logits[breaks].max()
+        if torch.isfinite(best_break) and best_break > logits[self.stop]:
+            logits[self.stop] = best_break  # a clause break becomes the sentence's end
+        logits[breaks] = float("-inf")
 
     def observe(self, token: int, produced: list[int], text: str) -> bool:
         after = self.settings.after
+        self.reply = None
         if after and after not in text:
             return False
         reply = text.split(after, 1)[1] if after else text
         if after and _UNESCAPED_QUOTE.search(reply):
             return False  # the enveloped reply has closed: the grammar finishes the envelope
-        return count_sentences(reply) >= self.settings.max_sentences
+        self.reply = reply
+        limit = self.settings.max_sentences
+        return limit is not None and count_sentences(reply) >= limit
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,9 @@ def main(argv=None) -> int:
         "--reply-sentences", default=None, help="override DeltaMemChat.reply_sentences (a number, or none)"
     )
     parser.add_argument(
+        "--sentence-words", default=None, help="override DeltaMemChat.reply_sentence_words (a number, or none)"
+    )
+    parser.add_argument(
         "--close-at-sentence-end", choices=["on", "off"], default=None, help="override reply_closes_at_sentence_end"
     )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
@@ -110,13 +113,21 @@ def main(argv=None) -> int:
         overrides["result_copy_bias"] = args.result_copy_bias
     if args.reply_sentences is not None:
         overrides["reply_sentences"] = None if args.reply_sentences == "none" else int(args.reply_sentences)
+    if args.sentence_words is not None:
+        overrides["reply_sentence_words"] = None if args.sentence_words == "none" else int(args.sentence_words)
     if args.close_at_sentence_end is not None:
         overrides["reply_closes_at_sentence_end"] = args.close_at_sentence_end == "on"
     chat = DeltaMemChat.from_backbone(args.backbone, **overrides)
     summary, rows = evaluate(chat, load_items(args.half))
     print("\n".join(table(summary)))
     if args.out:
-        names = ("result_copy_bias", "reply_sentences", "reply_closes_at_sentence_end", "max_new_tokens")
+        names = (
+            "result_copy_bias",
+            "reply_sentences",
+            "reply_sentence_words",
+            "reply_closes_at_sentence_end",
+            "max_new_tokens",
+        )
         settings = {k: getattr(chat, k) for k in names}
         machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
         meta = {"half": args.half, "backbone": chat.model_name, "settings": settings, "machine": machine}

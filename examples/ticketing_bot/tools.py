@@ -9,6 +9,12 @@ from langchain_core.tools import tool
 from examples.ticketing_bot.tickets import TicketDB, TicketError
 
 
+def as_sentence(text: str) -> str:
+    """``text`` with a full stop if it does not end a sentence already (a copied span stops before its own)."""
+    text = text.rstrip()
+    return text if text[-1:] in ".!?" else f"{text}."
+
+
 def make_tools(db: TicketDB) -> list:
     """The six ticket tools bound to ``db``. Their ``ticket_id`` arguments are grounded by
     :func:`value_providers`: the model can only name a ticket the user has."""
@@ -17,20 +23,22 @@ def make_tools(db: TicketDB) -> list:
         return config["configurable"]["user_id"]
 
     def summary(ticket: dict, reader: str) -> str:
-        """A ticket as a few plain sentences to ``reader`` (the user), status and newest note first: a small model
-        restates the first sentences it reads, and those answer "how is my ticket doing?"."""
+        """A ticket as a few plain sentences to ``reader`` (the user), status and the news first (how a closed
+        ticket was solved, else the newest note): a small model restates the first sentences it reads, and those
+        answer "how is my ticket doing?"."""
         comments = ticket.get("comments", [])
         first = f"Your ticket {ticket['id']} is {ticket['status']} (updated {ticket['updated']})."
-        if comments:
-            newest = comments[-1]
+        earlier = list(reversed(comments))
+        if ticket["status"] == "closed" and ticket.get("resolution"):
+            first += f" Resolution: {as_sentence(ticket['resolution'])}"
+        elif comments:
+            newest, earlier = earlier[0], earlier[1:]
             who = "You" if newest["author"] == reader else f"The {newest['author']}"
-            first += f" {who} wrote: {newest['text']}"
+            first += f" {who} wrote: {as_sentence(newest['text'])}"
         lines = [first, f"Title: {ticket['title']}"]
         if ticket.get("description") and ticket["description"] != ticket["title"]:
             lines.append(f"Problem: {ticket['description']}")
-        lines += [f"Earlier comment by {c['author']}: {c['text']}" for c in reversed(comments[:-1])]
-        if ticket.get("resolution"):
-            lines.append(f"Resolution: {ticket['resolution']}")
+        lines += [f"Earlier comment by {c['author']}: {c['text']}" for c in earlier]
         return "\n".join(lines)
 
     def day(config: RunnableConfig) -> str | None:
