@@ -56,8 +56,7 @@ class SentenceLimit:
 
 def open_sentence_words(text: str) -> int:
     """Words of the sentence that ``text`` ends in, after its last finished sentence (0 if that one just ended)."""
-    ends = list(_SENTENCE_END.finditer(text))
-    return len(text[ends[-1].end() if ends else 0 :].split())
+    return _sentences_and_open_words(text)[1]
 
 
 @lru_cache(maxsize=4)
@@ -76,18 +75,25 @@ def count_sentences(text: str) -> int:
     return len(_SENTENCE_END.findall(text))
 
 
+def _sentences_and_open_words(text: str) -> tuple[int, int]:
+    """(finished sentences in ``text``, words of the sentence it ends in), from one scan."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return len(ends), len(text[ends[-1].end() if ends else 0 :].split())
+
+
 class _SentenceState:
     def __init__(self, settings: SentenceLimit):
         self.settings = settings
-        self.reply: str | None = None  # the open reply text so far (None before it begins or once it has closed)
+        self.open_words: int | None = None  # words of the reply's open sentence (None outside the reply text)
         if settings.sentence_words is not None:
-            self.breaks, self.stop = clause_break_ids(settings.tokenizer)
+            breaks, self.stop = clause_break_ids(settings.tokenizer)
+            self.breaks = torch.tensor(breaks)  # (K,)
 
     def adjust(self, logits: torch.Tensor) -> None:
         words = self.settings.sentence_words
-        if words is None or self.reply is None or open_sentence_words(self.reply) < words:
+        if words is None or self.open_words is None or self.open_words < words:
             return
-        breaks = torch.tensor(self.breaks, device=logits.device)  # (K,)
+        breaks = self.breaks.to(logits.device)  # (K,)
         best_break = logits[breaks].max()
         if torch.isfinite(best_break) and best_break > logits[self.stop]:
             logits[self.stop] = best_break  # a clause break becomes the sentence's end
@@ -95,15 +101,15 @@ class _SentenceState:
 
     def observe(self, token: int, produced: list[int], text: str) -> bool:
         after = self.settings.after
-        self.reply = None
+        self.open_words = None
         if after and after not in text:
             return False
         reply = text.split(after, 1)[1] if after else text
         if after and _UNESCAPED_QUOTE.search(reply):
             return False  # the enveloped reply has closed: the grammar finishes the envelope
-        self.reply = reply
+        sentences, self.open_words = _sentences_and_open_words(reply)
         limit = self.settings.max_sentences
-        return limit is not None and count_sentences(reply) >= limit
+        return limit is not None and sentences >= limit
 
 
 @dataclass(frozen=True)
@@ -128,14 +134,21 @@ class CloseAtSentenceEnd:
 
 
 _UNESCAPED_QUOTE = re.compile(r'(?<!\\)(?:\\\\)*"')  # a quote that ends a JSON string
+
+
+@lru_cache(maxsize=4)
+def unescaped_quote_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of tokens with an unescaped quote anywhere in them (cached per tokenizer)."""
+    return tuple(i for i, t in enumerate(token_texts(tokenizer)) if _UNESCAPED_QUOTE.search(t))
+
+
 _ENDED = re.compile(r"[.!?](?:\\?[\"')\]])*\s*$")
 
 
 class _CloseState:
     def __init__(self, settings: CloseAtSentenceEnd):
         self.settings = settings
-        texts = token_texts(settings.tokenizer)
-        self.closers = torch.tensor([i for i, t in enumerate(texts) if _UNESCAPED_QUOTE.search(t)])
+        self.closers = torch.tensor(unescaped_quote_ids(settings.tokenizer))
         self.reply: str | None = None  # the reply text so far, once the head is decoded
 
     def adjust(self, logits: torch.Tensor) -> None:
